@@ -1,0 +1,1 @@
+"""Checkpoint formats (one module each) and checkpoint surgery."""

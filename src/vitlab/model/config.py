@@ -1,0 +1,266 @@
+"""Typed configuration of the Vision Transformer family and the table of named sizes.
+
+The sizes come from Table 1 of Dosovitskiy et al. (2020), "An Image is Worth 16x16 Words", plus the Ti and S
+sizes of Touvron et al. (2021) that the official AugReg checkpoints use. A model is named in the paper's own
+notation, e.g. ``"ViT-B/16"`` or ``"R50+ViT-B/16"``, and decoded by :func:`config_from_name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Classifier = Literal["token", "gap"]
+PosEmbed = Literal["learned-1d", "learned-2d", "sincos-2d", "none"]
+Gelu = Literal["exact", "tanh"]
+
+CLASSIFIERS = ("token", "gap")
+POS_EMBEDS = ("learned-1d", "learned-2d", "sincos-2d", "none")
+GELUS = ("exact", "tanh")
+
+
+def to_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An image or patch size as (height, width)."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """The BiT-style ResNet of the official hybrid models (vit_jax ``models_resnet.py``).
+
+    Weight-standardised convolutions without bias, GroupNorm, bottleneck units with the stride on the 3x3 conv,
+    TF "SAME" padding. The first stage has stride 1 (after the stride-4 root), each later stage stride 2.
+    """
+
+    layers: tuple[int, ...] = (3, 4, 9)
+    width_factor: float = 1.0
+    num_groups: int = 32
+    # The official code standardises as (w - mean) / (std + 1e-5) and uses GroupNorm eps 1e-6; timm standardises
+    # as (w - mean) / sqrt(var + eps) with its own epsilons. Both are kept so either checkpoint computes exactly.
+    ws_eps: float = 1e-5
+    ws_eps_in_sqrt: bool = False
+    gn_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        if not self.layers or any(n < 1 for n in self.layers):
+            raise ValueError(f"ResNetConfig.layers must be a non-empty tuple of positive unit counts, got {self.layers}")
+        if self.width_factor <= 0:
+            raise ValueError(f"ResNetConfig.width_factor must be positive, got {self.width_factor}")
+        if self.root_width % self.num_groups:
+            raise ValueError(
+                f"ResNet root width {self.root_width} is not divisible by num_groups={self.num_groups}"
+            )
+
+    @property
+    def root_width(self) -> int:
+        return int(64 * self.width_factor)
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the last stage: 4x the bottleneck width, doubled per stage."""
+        return self.root_width * 4 * 2 ** (len(self.layers) - 1)
+
+    @property
+    def stride(self) -> int:
+        """Total downsampling: 4 for the root (conv /2, max-pool /2), then 2 per stage after the first."""
+        return 4 * 2 ** (len(self.layers) - 1)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Every architectural choice of a Vision Transformer.
+
+    Defaults follow the official implementation (tanh GELU, LayerNorm eps 1e-6, qkv bias, class token, learned 1D
+    position embedding). ``patch_size`` is measured on the model input, or on the backbone's feature map for a
+    hybrid (1 for every official hybrid), so the effective patch is ``backbone.stride * patch_size``.
+    """
+
+    image_size: int | tuple[int, int] = 224
+    patch_size: int | tuple[int, int] = 16
+    in_channels: int = 3
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    num_classes: int = 1000
+    classifier: Classifier = "token"
+    pos_embed: PosEmbed = "learned-1d"
+    representation_size: int | None = None
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path: float = 0.0
+    gelu: Gelu = "tanh"
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    backbone: ResNetConfig | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            object.__setattr__(self, "backbone", ResNetConfig(**self.backbone))
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(f"invalid ViTConfig: {msg}")
+
+        for name in ("width", "depth", "num_heads", "mlp_dim", "in_channels"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_classes < 0:
+            fail(f"num_classes must be >= 0 (0 means no head), got {self.num_classes}")
+        if self.width % self.num_heads:
+            fail(f"width={self.width} must be divisible by num_heads={self.num_heads}")
+        if self.classifier not in CLASSIFIERS:
+            fail(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            fail(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        if self.gelu not in GELUS:
+            fail(f"gelu must be one of {GELUS}, got {self.gelu!r}")
+        if self.pos_embed == "learned-2d" and self.width % 2:
+            fail(f"pos_embed='learned-2d' needs an even width (two halves of D/2), got width={self.width}")
+        if self.pos_embed == "sincos-2d" and self.width % 4:
+            fail(f"pos_embed='sincos-2d' needs width divisible by 4, got width={self.width}")
+        for name in ("dropout", "attention_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.representation_size is not None and self.representation_size < 1:
+            fail(f"representation_size must be None or positive, got {self.representation_size}")
+        ih, iw = self.image_hw
+        ph, pw = self.effective_patch_hw
+        if min(ih, iw, ph, pw) < 1 or ih % ph or iw % pw:
+            what = "the backbone stride times patch_size" if self.backbone else "patch_size"
+            fail(
+                f"image_size={self.image_size} must be divisible by {what} = ({ph}, {pw}); "
+                f"allowed sizes are multiples of the patch, e.g. {ph * max(1, ih // ph)}"
+            )
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return to_hw(self.image_size)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return to_hw(self.patch_size)
+
+    @property
+    def effective_patch_hw(self) -> tuple[int, int]:
+        """The patch size measured in input pixels (the backbone's stride folded in for hybrids)."""
+        s = self.backbone.stride if self.backbone else 1
+        ph, pw = self.patch_hw
+        return (ph * s, pw * s)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        ih, iw = self.image_hw
+        ph, pw = self.effective_patch_hw
+        return (ih // ph, iw // pw)
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """1 for the class token of the ``token`` classifier, 0 for ``gap``."""
+        return 1 if self.classifier == "token" else 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    def replace(self, **overrides: Any) -> "ViTConfig":
+        """A copy with some fields changed; unknown field names raise a ``ValueError``."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(
+                f"unknown ViTConfig field(s) {sorted(unknown)}; allowed: {[f.name for f in dataclasses.fields(self)]}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ViTConfig":
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ViTConfig field(s) {sorted(unknown)}")
+        if data.get("backbone") is not None and not isinstance(data["backbone"], ResNetConfig):
+            data["backbone"] = ResNetConfig(**data["backbone"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ViTConfig":
+        return cls.from_dict(json.loads(text))
+
+
+# Table 1 of the paper (Base, Large, Huge) and DeiT's Tiny and Small, which the AugReg checkpoints use:
+# name -> (width, depth, mlp_dim, num_heads).
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+PATCH_SIZES = (8, 14, 16, 32)
+
+# Hybrids of the paper (Sec. 4.1) and the official repository. For R50+ViT-B/16 the official code removes stage 4
+# of ResNet-50 and moves its blocks into stage 3 (3, 4, 9); the feature map is cut into 1x1 patches.
+HYBRIDS: dict[str, tuple[int, ...]] = {
+    "R50+ViT-B/16": (3, 4, 9),
+    "R50+ViT-L/32": (3, 4, 6, 3),
+    "R26+ViT-S/32": (2, 2, 2, 2),
+    "R26+ViT-B/32": (2, 2, 2, 2),
+}
+
+_VIT_NAME = re.compile(r"^ViT-(Ti|S|B|L|H)/(\d+)$")
+
+
+def list_model_names() -> list[str]:
+    names = [f"ViT-{size}/{patch}" for size in SIZES for patch in PATCH_SIZES]
+    return names + list(HYBRIDS)
+
+
+def config_from_name(name: str, **overrides: Any) -> ViTConfig:
+    """Decode a name like ``"ViT-B/16"`` or ``"R50+ViT-B/16"`` into a :class:`ViTConfig`, then apply overrides."""
+    if name in HYBRIDS:
+        vit_name = name.split("+", 1)[1]
+        size = _VIT_NAME.match(vit_name).group(1)  # type: ignore[union-attr]
+        backbone = ResNetConfig(layers=HYBRIDS[name])
+        patch = 1
+    else:
+        match = _VIT_NAME.match(name)
+        if match is None or int(match.group(2)) not in PATCH_SIZES:
+            raise ValueError(f"unknown model name {name!r}; known names: {', '.join(list_model_names())}")
+        size, patch = match.group(1), int(match.group(2))
+        backbone = None
+    width, depth, mlp_dim, heads = SIZES[size]
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)}
+    if unknown:
+        raise ValueError(
+            f"unknown override(s) {sorted(unknown)} for {name!r}; "
+            f"allowed: {[f.name for f in dataclasses.fields(ViTConfig)]}"
+        )
+    fields: dict[str, Any] = dict(
+        image_size=224, patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, backbone=backbone
+    )
+    fields.update(overrides)
+    return ViTConfig(**fields)
+

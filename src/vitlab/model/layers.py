@@ -1,0 +1,137 @@
+"""The Transformer encoder's layers (paper Sec. 3.1, Eq. 1-4): patch embedding, multi-head self-attention, the
+GELU MLP, and the pre-norm residual block that combines them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each linearly (a strided convolution)."""
+
+    def __init__(self, patch_size: tuple[int, int], in_channels: int, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # B, D, gh, gw
+        return x.flatten(2).transpose(1, 2)  # B, N, D (grid row-major, as the official code)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    ``forward`` is the fast path (``scaled_dot_product_attention``, probabilities never materialised);
+    ``forward_with_probs`` computes the same function explicitly and also returns the (B, H, N, N) probabilities.
+    """
+
+    def __init__(self, width: int, num_heads: int, qkv_bias: bool = True, attention_dropout: float = 0.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.attention_dropout = attention_dropout
+        self.proj = nn.Linear(width, width)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # B, N, 3, H, hd
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
+        return q, k, v
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        B, H, N, hd = o.shape
+        o = o.transpose(1, 2).reshape(B, N, H * hd)  # B, N, D
+        return self.proj_drop(self.proj(o))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        p = self.attention_dropout if self.training else 0.0
+        return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=p))
+
+    def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self._qkv(x)
+        logits = (q * self.scale) @ k.transpose(-2, -1)  # B, H, N, N
+        probs = logits.softmax(dim=-1)
+        dropped = F.dropout(probs, self.attention_dropout, self.training)
+        return self._out(dropped @ v), probs
+
+
+class Mlp(nn.Module):
+    """Dense -> GELU -> Dense, dropout after each Dense (the official MlpBlock)."""
+
+    def __init__(self, width: int, mlp_dim: int, gelu: str = "tanh", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        # The official code uses the tanh approximation; "exact" (erf) is what timm and HF compute.
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(mlp_dim, width)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for a whole sample, scaling survivors by 1/(1-p)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x)) (Eq. 2-3)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, qkv_bias: bool = True, gelu: str = "tanh",
+                 norm_eps: float = 1e-6, dropout: float = 0.0, attention_dropout: float = 0.0,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = Attention(width, num_heads, qkv_bias, attention_dropout, dropout)
+        self.norm2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = Mlp(width, mlp_dim, gelu, dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, probs = self.attn.forward_with_probs(self.norm1(x))
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x))), probs
+
+
+def init_official_(block: Block) -> None:
+    """The official initialisation of one block: Xavier-uniform Dense kernels (q, k and v each on its own
+    D x D fan, not the fused 3D), zero attention biases, N(0, 1e-6) MLP biases."""
+    qkv = block.attn.qkv
+    d = qkv.weight.shape[1]
+    bound = math.sqrt(6.0 / (d + d))
+    nn.init.uniform_(qkv.weight, -bound, bound)
+    if qkv.bias is not None:
+        nn.init.zeros_(qkv.bias)
+    nn.init.xavier_uniform_(block.attn.proj.weight)
+    nn.init.zeros_(block.attn.proj.bias)
+    for fc in (block.mlp.fc1, block.mlp.fc2):
+        nn.init.xavier_uniform_(fc.weight)
+        nn.init.normal_(fc.bias, std=1e-6)

@@ -1,0 +1,240 @@
+"""The Vision Transformer (paper Sec. 3.1, Eq. 1-4) in named stages:
+
+    embed (patches or ResNet features -> tokens, class token, position embedding)
+    -> forward_features (encoder blocks, final LayerNorm)  -> (B, N, D)
+    -> forward_head (pool: class token or mean; optional pre-logits Dense+tanh; linear head) -> (B, K)
+
+``attention_maps`` and ``intermediates`` run the same weights through the explicit attention path and expose what
+the fast path (``scaled_dot_product_attention``) never materialises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vitlab.model.config import ViTConfig, to_hw
+from vitlab.model.layers import Block, PatchEmbed, init_official_
+from vitlab.model.resnet import ResNetBackbone
+
+
+def sincos_2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding, (1, gh*gw, width), as big_vision's ``posemb_sincos_2d``."""
+    gh, gw = grid
+    y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    quarter = width // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
+    y = y.flatten()[:, None] * omega[None]  # N, D/4
+    x = x.flatten()[:, None] * omega[None]
+    pe = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    return pe[None].float()
+
+
+class HybridEmbed(nn.Module):
+    """ResNet feature map cut into patches (1x1 in every official hybrid) and projected to the model width."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        assert cfg.backbone is not None
+        self.backbone = ResNetBackbone(cfg.backbone, cfg.in_channels)
+        self.proj = nn.Conv2d(self.backbone.out_channels, cfg.width, kernel_size=cfg.patch_hw, stride=cfg.patch_hw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.backbone(x))  # B, D, gh, gw
+        return x.flatten(2).transpose(1, 2)  # B, N, D
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config
+        D = cfg.width
+        self.patch_embed: nn.Module = HybridEmbed(cfg) if cfg.backbone else PatchEmbed(cfg.patch_hw, cfg.in_channels, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.classifier == "token" else None
+        gh, gw = cfg.grid_size
+        if cfg.pos_embed == "learned-1d":
+            # The class slot (when there is one) comes first, then the grid row-major, as the official layout.
+            self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_prefix_tokens + gh * gw, D))
+        elif cfg.pos_embed == "learned-2d":
+            # Appendix D.4: one embedding per row and per column, D/2 each, concatenated per patch.
+            self.pos_embed_row = nn.Parameter(torch.empty(1, gh, D // 2))
+            self.pos_embed_col = nn.Parameter(torch.empty(1, gw, D - D // 2))
+        elif cfg.pos_embed == "sincos-2d":
+            self.register_buffer("pos_embed_fixed", sincos_2d((gh, gw), D), persistent=False)
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear, as DeiT
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.num_heads, cfg.mlp_dim, qkv_bias=cfg.qkv_bias, gelu=cfg.gelu, norm_eps=cfg.norm_eps,
+                  dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, drop_path=rate)
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.pre_logits = nn.Linear(D, cfg.representation_size) if cfg.representation_size else None
+        head_in = cfg.representation_size or D
+        self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official initialisation: zero head and class token, position embedding N(0, 0.02), LeCun-normal
+        patch embedding and pre-logits, Xavier-uniform encoder Dense kernels."""
+        for name in ("pos_embed", "pos_embed_row", "pos_embed_col"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        proj = self.patch_embed.proj
+        _lecun_normal_(proj.weight)
+        nn.init.zeros_(proj.bias)
+        if isinstance(self.patch_embed, HybridEmbed):
+            for m in self.patch_embed.backbone.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.GroupNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            init_official_(block)
+            for norm in (block.norm1, block.norm2):
+                nn.init.ones_(norm.weight)
+                nn.init.zeros_(norm.bias)
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+        if self.pre_logits is not None:
+            _lecun_normal_(self.pre_logits.weight)
+            nn.init.zeros_(self.pre_logits.bias)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # ------------------------------------------------------------------------------------------- forward
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.config.num_prefix_tokens
+
+    def position_embedding(self) -> torch.Tensor | None:
+        """The (1, prefix + gh*gw, D) or (1, gh*gw, D) embedding added to the tokens, or None for ``"none"``."""
+        kind = self.config.pos_embed
+        if kind == "learned-1d":
+            return self.pos_embed
+        if kind == "learned-2d":
+            gh, gw = self.config.grid_size
+            rows = self.pos_embed_row[:, :, None, :].expand(-1, gh, gw, -1)  # 1, gh, gw, D/2
+            cols = self.pos_embed_col[:, None, :, :].expand(-1, gh, gw, -1)  # 1, gh, gw, D/2
+            return torch.cat([rows, cols], dim=-1).reshape(1, gh * gw, -1)  # 1, N, D
+        if kind == "sincos-2d":
+            return self.pos_embed_fixed
+        return None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, prefix + N, D) with position information, before the encoder."""
+        self._check_input(x)
+        x = self.patch_embed(x)  # B, N, D
+        pos = self.position_embedding()
+        if self.config.pos_embed == "learned-1d":
+            # The class token is prepended before the embedding is added, as the official code.
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = x + pos
+        else:
+            # 2D and fixed embeddings describe grid positions only; the class token carries none.
+            if pos is not None:
+                x = x + pos
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> encoder output after the final LayerNorm, (B, prefix + N, D)."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, D): the class token's state, or the mean of all tokens for ``gap``."""
+        return tokens[:, 0] if self.config.classifier == "token" else tokens.mean(dim=1)
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, then the pre-logits Dense+tanh (if any); with ``pre_logits=True`` stop there, else apply the head."""
+        x = self.pool(tokens)
+        if self.pre_logits is not None:
+            x = torch.tanh(self.pre_logits(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ----------------------------------------------------------------------------------- explicit paths
+    def intermediates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every named stage of the forward pass, computed with the explicit attention path.
+
+        Keys: ``embedding`` (B, N, D patch tokens before class token and position embedding), ``tokens``
+        (encoder input), ``block_{i}`` (B, T, D), ``attention_{i}`` (B, H, T, T), ``encoded`` (after the final
+        LayerNorm), ``pre_logits`` (B, F), ``logits`` (B, K).
+        """
+        self._check_input(x)
+        out: dict[str, torch.Tensor] = {"embedding": self.patch_embed(x)}
+        h = self.embed(x)
+        out["tokens"] = h
+        for i, block in enumerate(self.blocks):
+            h, probs = block.forward_with_probs(h)
+            out[f"block_{i}"] = h
+            out[f"attention_{i}"] = probs
+        out["encoded"] = self.norm(h)
+        out["pre_logits"] = self.forward_head(out["encoded"], pre_logits=True)
+        out["logits"] = self.head(out["pre_logits"])
+        return out
+
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One (B, heads, T, T) tensor of softmax probabilities per layer (T counts the class token if any).
+
+        Computed with the same weights as ``forward``; equal to what the fast path computes internally.
+        """
+        h = self.embed(x)
+        maps = []
+        for block in self.blocks:
+            h, probs = block.forward_with_probs(h)
+            maps.append(probs)
+        return maps
+
+    # --------------------------------------------------------------------------------------- resolution
+    def set_image_size(self, image_size: int | tuple[int, int], mode: str = "bilinear") -> None:
+        """Change the input resolution, keeping the patch size: the learned position-embedding grid is resampled
+        (class slot kept apart) by 2D interpolation, bilinear with aligned corners by default because that
+        reproduces the official resize exactly; ``mode="bicubic"`` is available."""
+        from vitlab.checkpoints.surgery import resample_axis_embed, resample_pos_embed
+
+        new_cfg = self.config.replace(image_size=image_size if isinstance(image_size, int) else to_hw(image_size))
+        old_grid, new_grid = self.config.grid_size, new_cfg.grid_size
+        kind = self.config.pos_embed
+        with torch.no_grad():
+            if kind == "learned-1d":
+                resized = resample_pos_embed(self.pos_embed.data, new_grid, old_grid, self.num_prefix_tokens, mode)
+                self.pos_embed = nn.Parameter(resized, requires_grad=self.pos_embed.requires_grad)
+            elif kind == "learned-2d":
+                self.pos_embed_row = nn.Parameter(resample_axis_embed(self.pos_embed_row.data, new_grid[0]))
+                self.pos_embed_col = nn.Parameter(resample_axis_embed(self.pos_embed_col.data, new_grid[1]))
+            elif kind == "sincos-2d":
+                buf = sincos_2d(new_grid, self.config.width).to(self.pos_embed_fixed.device)
+                self.register_buffer("pos_embed_fixed", buf, persistent=False)
+        self.config = new_cfg
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels or tuple(x.shape[-2:]) != self.config.image_hw:
+            raise ValueError(
+                f"expected input of shape (B, {self.config.in_channels}, {self.config.image_hw[0]}, "
+                f"{self.config.image_hw[1]}), got {tuple(x.shape)}; call set_image_size() to change the resolution"
+            )
+
+
+def _lecun_normal_(w: torch.Tensor) -> None:
+    """Truncated-normal LeCun init (flax's default for Dense and Conv kernels)."""
+    fan_in = w[0].numel()
+    # 0.8796... is the std of a unit normal truncated to [-2, 2]; dividing by it keeps the variance 1/fan_in.
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)

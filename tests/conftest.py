@@ -1,0 +1,26 @@
+"""Shared test fixtures: paths to the shared data and deterministic torch settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# CI clones main next to a copy of shared/; a developer checkout has it at ../shared as well.
+SHARED = Path(os.environ.get("VITLAB_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures" / "official"
+CIFAR = SHARED / "datasets" / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"test data missing: {path} (set VITLAB_SHARED to the shared/ folder)")
+    return path
