@@ -1,1 +1,8 @@
-"""vitlab.data"""
+"""Data: image folders, transforms and the CIFAR-10 sample that ships with the package."""
+
+from pathlib import Path
+
+
+def sample_root() -> Path:
+    """The bundled CIFAR-10 sample (ImageFolder layout with ``train/`` and ``test/``)."""
+    return Path(__file__).resolve().parent / "cifar10_sample"
