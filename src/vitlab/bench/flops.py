@@ -1,0 +1,122 @@
+"""Forward FLOPs per image of a Vision Transformer (paper Sec. 4.1 and Fig. 5 compare models by pre-training
+compute; this is the per-image forward cost that such comparisons and the benchmark's MFU are built on).
+
+Convention: one multiply-add is 2 FLOPs, and only matrix products are counted: the patch embedding (or the hybrid's
+ResNet convolutions plus its 1x1 projection), the qkv projection, the attention scores ``q k^T``, the attention
+applied to the values, the output projection, both MLP layers, the pre-logits layer and the head.
+
+Excluded, because they are element-wise or reductions and together cost well under 1% of a ViT-B/16 forward:
+LayerNorm/GroupNorm, softmax, GELU/ReLU/tanh, bias additions, residual additions, the position embedding, the
+attention scaling, the hybrid's weight standardisation and max-pool, and pooling. This matches what
+``torch.utils.flop_counter.FlopCounterMode`` counts, which the tests use as an independent reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitlab.model.config import ResNetConfig, ViTConfig
+
+
+def _same_out(size: int, stride: int) -> int:
+    """Output size of a TF "SAME" padded conv/pool: ceil(in / stride)."""
+    return math.ceil(size / stride)
+
+
+def _conv_flops(h_out: int, w_out: int, c_in: int, c_out: int, k: int) -> int:
+    return 2 * h_out * w_out * c_out * c_in * k * k
+
+
+def backbone_flops(cfg: ResNetConfig, image_hw: tuple[int, int], in_channels: int = 3) -> tuple[int, tuple[int, int]]:
+    """Convolution FLOPs of the hybrid's ResNet for one image, and the (h, w) of its output feature map."""
+    h, w = image_hw
+    root = cfg.root_width
+    h, w = _same_out(h, 2), _same_out(w, 2)  # 7x7/2 root conv
+    total = _conv_flops(h, w, in_channels, root, 7)
+    h, w = _same_out(h, 2), _same_out(w, 2)  # 3x3/2 max-pool (not counted)
+    channels = root
+    for i, units in enumerate(cfg.layers):
+        mid = root * 2**i
+        out = mid * 4
+        for u in range(units):
+            stride = (1 if i == 0 else 2) if u == 0 else 1
+            ho, wo = _same_out(h, stride), _same_out(w, stride)
+            if stride != 1 or channels != out:  # projection shortcut
+                total += _conv_flops(ho, wo, channels, out, 1)
+            total += _conv_flops(h, w, channels, mid, 1)  # conv1 runs before the stride
+            total += _conv_flops(ho, wo, mid, mid, 3)
+            total += _conv_flops(ho, wo, mid, out, 1)
+            h, w, channels = ho, wo, out
+    return total, (h, w)
+
+
+def flops_breakdown(config: ViTConfig) -> dict[str, int]:
+    """Forward FLOPs per image by component (keys: embed, qkv, attn_scores, attn_values, attn_proj, mlp, head)."""
+    cfg = config
+    D, M, L = cfg.width, cfg.mlp_dim, cfg.depth
+    ph, pw = cfg.patch_hw
+    if cfg.backbone is not None:
+        embed, (fh, fw) = backbone_flops(cfg.backbone, cfg.image_hw, cfg.in_channels)
+        c_in = cfg.backbone.out_channels
+    else:
+        embed, (fh, fw) = 0, cfg.image_hw
+        c_in = cfg.in_channels
+    N = (fh // ph) * (fw // pw)
+    embed += 2 * N * (c_in * ph * pw) * D  # the patch projection: one (C*ph*pw) x D matmul per patch
+    T = N + cfg.num_prefix_tokens
+    head_in = cfg.representation_size or D
+    head = 2 * D * cfg.representation_size if cfg.representation_size else 0
+    head += 2 * head_in * cfg.num_classes
+    return {
+        "embed": embed,
+        "qkv": L * 2 * T * D * 3 * D,
+        "attn_scores": L * 2 * T * T * D,  # H heads x (T x hd) @ (hd x T), H * hd = D
+        "attn_values": L * 2 * T * T * D,  # H heads x (T x T) @ (T x hd)
+        "attn_proj": L * 2 * T * D * D,
+        "mlp": L * 2 * 2 * T * D * M,
+        "head": head,
+    }
+
+
+def count_flops(model: ViTConfig | nn.Module, input_size: tuple[int, ...] | None = None) -> int:
+    """Forward FLOPs per image (multiply-add = 2) of a ``ViTConfig``, computed analytically.
+
+    Any other ``nn.Module`` (e.g. a ResNet classifier) is measured with ``FlopCounterMode`` on one zero input of
+    ``input_size`` = (C, H, W) (default (3, 224, 224)); a ``VisionTransformer`` uses its config.
+    """
+    if isinstance(model, ViTConfig):
+        return sum(flops_breakdown(model).values())
+    config = getattr(model, "config", None)
+    if isinstance(config, ViTConfig) and input_size is None:
+        return count_flops(config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_flops expects a ViTConfig or an nn.Module, got {type(model).__name__}")
+    return measure_flops(model, input_size or (3, 224, 224))
+
+
+def measure_flops(model: nn.Module, input_size: tuple[int, ...], **forward_kwargs: Any) -> int:
+    """Matmul/conv FLOPs of one forward pass on a batch of one, counted by torch's ``FlopCounterMode``.
+
+    The input is on the model's device (the meta device works and allocates nothing). CPU's fused attention
+    kernel has no FLOP formula in torch, so attention runs through the math backend, whose batched matmuls are
+    counted like any other.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros((1, *input_size), device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            model(x, **forward_kwargs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
