@@ -1,1 +1,11 @@
-"""Checkpoint formats (one module each) and checkpoint surgery."""
+"""Checkpoints: vitlab's own format and the official Google ``.npz``, timm and Hugging Face formats (one module
+each), strict loading with a readable diff, hub resolution, and checkpoint surgery.
+
+``load`` / ``save`` are the entry points (also ``vitlab.load`` / ``vitlab.save``); see :mod:`vitlab.checkpoints.api`.
+"""
+
+from vitlab.checkpoints.api import FORMATS, adapt, convert, detect_format, load, save
+from vitlab.checkpoints.strict import CheckpointError, load_state_dict_strict, state_dict_diff
+
+__all__ = ["FORMATS", "CheckpointError", "adapt", "convert", "detect_format", "load", "load_state_dict_strict",
+           "save", "state_dict_diff"]

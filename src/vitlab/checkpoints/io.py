@@ -1,0 +1,117 @@
+"""File plumbing shared by the formats: safe reads that turn library errors into one clear message naming the
+file, and atomic writes (temp file + rename) so a failed save never destroys an existing checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vitlab.checkpoints.strict import CheckpointError
+
+
+
+def _not_safetensors(path: Path, head: bytes, why: str) -> CheckpointError:
+    # A raw pickle starts with PROTO (0x80, 2..5); torch.save writes a zip archive holding one.
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head[:4] == b"PK\x03\x04":
+        return CheckpointError(f"{path}: is a pickle / torch.save archive, not safetensors; vitlab never unpickles "
+                               f"weights it was told are safetensors (use format='timm' for a .pth state dict)")
+    return CheckpointError(f"{path}: not a valid safetensors file ({why})")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary path in the destination folder, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _require_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a weights file")
+    return path
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its header alone."""
+    path = _require_file(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated or empty file ({len(head)} bytes), expected a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        size = path.stat().st_size
+        if n > size - 8 or n > 100_000_000:
+            raise _not_safetensors(path, head, f"header length {n} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _not_safetensors(path, head, "unreadable JSON header") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, head, "header is not a JSON object")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise _not_safetensors(path, head, "malformed tensor entries in the header") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, the header describes {8 + n + end})")
+    return dict(header.get("__metadata__") or {})
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a damaged file raises :class:`CheckpointError` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    safetensors_metadata(path)  # validates header and length first, with a readable message
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
+
+
+def read_torch_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A ``.pth``/``.bin`` state dict through ``torch.load(weights_only=True)``, which refuses arbitrary objects."""
+    import pickle
+
+    path = _require_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch file ({first}); vitlab never runs "
+                              f"torch.load with weights_only=False") from None
+    # Training checkpoints commonly nest the weights under one of these keys.
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A bare state dict from ``.safetensors`` or a torch file (by extension)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return read_torch_weights(path)
+    raise CheckpointError(f"{path}: unknown weights extension {path.suffix!r}; expected .safetensors, .pth, .pt or .bin")
