@@ -33,9 +33,13 @@ def test_parameter_counts(name: str, count: int) -> None:
 
 def test_every_listed_name_builds() -> None:
     names = list_models()
-    assert len(names) == 5 * 4 + 4 and "ViT-H/14" in names and "R26+ViT-S/32" in names
+    assert len(names) == 5 * 4 + 4 + 4 * 4 and "ViT-H/14" in names and "R26+ViT-S/32" in names
+    assert {"ResNet-26", "ResNet-50", "ResNet-50x2", "ResNet-26x2", "ResNet-152x4"} <= set(names)
     for name in names:
         cfg = vitlab.model.config_from_name(name)
+        if isinstance(cfg, vitlab.model.ResNetClassifierConfig):
+            assert cfg.grid_size == (7, 7)  # stride 32 at 224, as every 4-stage ResNet
+            continue
         assert cfg.grid_size[0] * cfg.effective_patch_hw[0] == 224
     hybrid = vitlab.model.config_from_name("R50+ViT-L/32")
     assert hybrid.backbone.layers == (3, 4, 6, 3) and hybrid.grid_size == (7, 7) and hybrid.width == 1024

@@ -22,7 +22,10 @@ def run(args: argparse.Namespace) -> int:
             logits = model(x)
         ms = (time.perf_counter() - start) * 1e3
         n_params = sum(p.numel() for p in model.parameters())
-        tokens = model.config.num_patches + model.config.num_prefix_tokens
+        # A ResNet has no tokens; show the positions of its last feature map, which it pools the same way.
+        cfg = model.config
+        gh, gw = cfg.grid_size
+        tokens = cfg.num_patches + cfg.num_prefix_tokens if hasattr(cfg, "num_patches") else gh * gw
         print(f"{name:<16} {n_params:>14,} {tokens:>7} {ms:>11.1f}  {tuple(logits.shape)}")
         del model
     return 0

@@ -210,6 +210,85 @@ class ViTConfig:
         return cls.from_dict(json.loads(text))
 
 
+@dataclass(frozen=True)
+class ResNetClassifierConfig:
+    """A standalone BiT-style ResNet classifier (the paper's CNN baseline, Kolesnikov et al. 2020 "BiT").
+
+    The backbone is the hybrid's post-activation ResNet (:class:`ResNetConfig`); the head is global average
+    pooling and a zero-initialised linear layer. ``image_size`` only documents the training resolution: the
+    network is fully convolutional, and 32-pixel inputs work (the root /4 then /2 per later stage, 1x1 at the end).
+    """
+
+    image_size: int | tuple[int, int] = 224
+    in_channels: int = 3
+    num_classes: int = 1000
+    backbone: ResNetConfig = field(default_factory=lambda: ResNetConfig(layers=(3, 4, 6, 3)))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            object.__setattr__(self, "backbone", ResNetConfig(**self.backbone))
+        if isinstance(self.image_size, list):
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        if min(self.image_hw) < 1:
+            raise ValueError(f"invalid ResNetClassifierConfig: image_size must be positive, got {self.image_size}")
+        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise ValueError(f"invalid ResNetClassifierConfig: in_channels must be positive, got {self.in_channels!r}")
+        if self.num_classes < 0:
+            raise ValueError(f"invalid ResNetClassifierConfig: num_classes must be >= 0, got {self.num_classes}")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return to_hw(self.image_size)
+
+    @property
+    def width(self) -> int:
+        """Channels of the pooled feature vector (the last stage's output)."""
+        return self.backbone.out_channels
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Spatial size of the last feature map; TF "SAME" padding makes every stride step a ceil division."""
+        h, w = self.image_hw
+        for _ in range(len(self.backbone.layers) + 1):  # the root's two /2 steps and the later stages' one each
+            h, w = -(-h // 2), -(-w // 2)
+        return (h, w)
+
+    def replace(self, **overrides: Any) -> "ResNetClassifierConfig":
+        """A copy with some fields changed; ResNetConfig fields (``width_factor``, ``layers`` ...) go to the
+        backbone; unknown names raise a ``ValueError``."""
+        own = {f.name for f in dataclasses.fields(self)}
+        deep = {f.name for f in dataclasses.fields(ResNetConfig)}
+        unknown = set(overrides) - own - deep
+        if unknown:
+            raise ValueError(
+                f"unknown ResNetClassifierConfig field(s) {sorted(unknown)}; allowed: {sorted(own | deep)}"
+            )
+        backbone_overrides = {k: overrides.pop(k) for k in list(overrides) if k in deep}
+        if backbone_overrides:
+            overrides["backbone"] = dataclasses.replace(overrides.get("backbone", self.backbone), **backbone_overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResNetClassifierConfig":
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ResNetClassifierConfig field(s) {sorted(unknown)}")
+        if isinstance(data.get("backbone"), dict):
+            data["backbone"] = ResNetConfig(**data["backbone"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ResNetClassifierConfig":
+        return cls.from_dict(json.loads(text))
+
+
 # Table 1 of the paper (Base, Large, Huge) and DeiT's Tiny and Small, which the AugReg checkpoints use:
 # name -> (width, depth, mlp_dim, num_heads).
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -232,14 +311,49 @@ HYBRIDS: dict[str, tuple[int, ...]] = {
 
 _VIT_NAME = re.compile(r"^ViT-(Ti|S|B|L|H)/(\d+)$")
 
+# The BiT ResNets (Kolesnikov et al. 2020, Sec. 2 and Table 6; the paper's CNN baselines, Sec. 4.1): ResNet-26 as in
+# the R26 hybrids, ResNet-50/101/152 as in He et al. 2016; "xN" multiplies every width (root included), as BiT.
+# depth -> units per stage.
+RESNET_DEPTHS: dict[int, tuple[int, ...]] = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+RESNET_WIDTHS = (1, 2, 3, 4)
+_RESNET_NAME = re.compile(r"^ResNet-(\d+)(?:x(\d+))?$")
+
 
 def list_model_names() -> list[str]:
     names = [f"ViT-{size}/{patch}" for size in SIZES for patch in PATCH_SIZES]
-    return names + list(HYBRIDS)
+    resnets = [f"ResNet-{d}" + (f"x{w}" if w > 1 else "") for d in RESNET_DEPTHS for w in RESNET_WIDTHS]
+    return names + list(HYBRIDS) + resnets
 
 
-def config_from_name(name: str, **overrides: Any) -> ViTConfig:
-    """Decode a name like ``"ViT-B/16"`` or ``"R50+ViT-B/16"`` into a :class:`ViTConfig`, then apply overrides."""
+def is_resnet_name(name: str) -> bool:
+    """True for the standalone ResNet classifiers (``"ResNet-50"``, ``"ResNet-50x2"``), not the hybrids."""
+    return _RESNET_NAME.match(name) is not None
+
+
+def resnet_config_from_name(name: str, **overrides: Any) -> ResNetClassifierConfig:
+    """Decode ``"ResNet-{26,50,101,152}[x{2,3,4}]"`` into a :class:`ResNetClassifierConfig`, then apply overrides
+    (its own fields, or :class:`ResNetConfig` fields such as ``width_factor`` that go to the backbone)."""
+    match = _RESNET_NAME.match(name)
+    depth = int(match.group(1)) if match else None
+    width = int(match.group(2) or 1) if match else None
+    if depth not in RESNET_DEPTHS or width not in RESNET_WIDTHS or (match and match.group(2) == "1"):
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(list_model_names())}")
+    base = ResNetClassifierConfig(backbone=ResNetConfig(layers=RESNET_DEPTHS[depth], width_factor=float(width)))
+    return base.replace(**overrides)
+
+
+def config_from_name(name: str, **overrides: Any) -> ViTConfig | ResNetClassifierConfig:
+    """Decode a name like ``"ViT-B/16"`` or ``"R50+ViT-B/16"`` into a :class:`ViTConfig`, then apply overrides.
+
+    ResNet names (``"ResNet-50x2"``) give a :class:`ResNetClassifierConfig` (see :func:`resnet_config_from_name`).
+    """
+    if is_resnet_name(name):
+        return resnet_config_from_name(name, **overrides)
     if name in HYBRIDS:
         vit_name = name.split("+", 1)[1]
         size = _VIT_NAME.match(vit_name).group(1)  # type: ignore[union-attr]
