@@ -9,8 +9,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# CI clones main next to a copy of shared/; a developer checkout has it at ../shared as well.
-SHARED = Path(os.environ.get("VITLAB_SHARED", REPO.parent / "shared"))
+
+def _find_shared() -> Path:
+    """CI clones main next to a copy of shared/; a developer checkout has it at ../shared as well."""
+    if "VITLAB_SHARED" in os.environ:
+        return Path(os.environ["VITLAB_SHARED"])
+    for candidate in (REPO.parent / "shared", Path("/work/shared")):
+        if candidate.exists():
+            return candidate
+    return REPO.parent / "shared"
+
+
+SHARED = _find_shared()
 FIXTURES = SHARED / "fixtures" / "official"
 CIFAR = SHARED / "datasets" / "cifar10"
 
