@@ -1,4 +1,6 @@
-"""Data: image folders, transforms and the CIFAR-10 sample that ships with the package."""
+"""Data: image folders read safely (bad files skipped or reported), in-memory datasets, torchvision v2 transforms
+(the paper's inception crop and flip, RandAugment, mixup/cutmix) and the CIFAR-10 sample that ships with the package.
+"""
 
 from pathlib import Path
 

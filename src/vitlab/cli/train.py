@@ -1,0 +1,59 @@
+"""``vitlab train``: train or fine-tune from a preset or config file (see :mod:`vitlab.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitlab.data.images import BadImageError
+    from vitlab.train import NonFiniteLossError, load_config, train
+
+    overrides = list(args.set or [])
+    if args.strict:
+        overrides.append("strict=true")
+    try:
+        config = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vitlab train: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config, args.data, args.out, resume=args.resume)
+    except NonFiniteLossError as e:
+        print(f"vitlab train: {e}", file=sys.stderr)
+        return 1
+    except BadImageError as e:
+        print(f"vitlab train: unreadable image {e.path}: {e.reason}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"vitlab train: {e}", file=sys.stderr)
+        return 2
+    if result.get("interrupted"):
+        print(f"stopped by signal at step {result['step']}; resume with --resume (checkpoint in {args.out})")
+        return 0
+    if args.json:
+        print(json.dumps(result))
+    elif "top1" in result:
+        print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['n']} images, "
+              f"{result['train_img_per_s']:.0f} train img/s)  weights: {result.get('weights')}")
+    else:
+        print(f"done: {result['step']} steps; weights: {result.get('weights')}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train or fine-tune a model on an image folder")
+    p.add_argument("--config", required=True, help="preset name (paper-pretrain, paper-finetune, small-scratch, demo) "
+                                                   "or a YAML/JSON/Python config file")
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (or test/)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, logs, final weights)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    p.set_defaults(func=run)

@@ -1,0 +1,134 @@
+"""Training batches whose content is a pure function of (seed, epoch, step): the basis of exact resume and of
+distributed runs that equal a single process.
+
+Every epoch draws one permutation of the training set from ``seed`` and ``epoch``; global batch ``k`` takes
+positions ``[k*B, (k+1)*B)`` (the last incomplete batch is dropped) and rank ``r`` of ``W`` takes its contiguous
+slice. Augmentation randomness is seeded per batch (in memory) or per sample (streamed), never by the worker or
+the process that happens to run it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from vitlab.data.folder import BadSample, InMemoryImages, SafeImageFolder, collate_skip_bad
+from vitlab.data.transforms import BatchAugment, make_mix
+
+log = logging.getLogger(__name__)
+
+_PRIME = 1_000_003
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (independent of PYTHONHASHSEED)."""
+    h = 0x5EED
+    for p in parts:
+        h = (h * _PRIME + int(p) + 1) % (2**63 - 1)
+    return h
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 1))
+    return torch.randperm(n, generator=g)
+
+
+def rank_slice(global_batch: int, rank: int, world: int) -> slice:
+    if global_batch % world:
+        raise ValueError(f"batch_size {global_batch} is not divisible by the {world} processes")
+    per = global_batch // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+class InMemoryBatches:
+    """Batches from an :class:`InMemoryImages`, augmented per global batch by :class:`BatchAugment`."""
+
+    def __init__(self, data: InMemoryImages, augment: BatchAugment, *, seed: int, num_classes: int,
+                 mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0) -> None:
+        self.data = data
+        self.augment = augment
+        self.seed = seed
+        self.mix = make_mix(num_classes, mixup, cutmix, mix_prob)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.data.labels)
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return self.num_samples // global_batch
+
+    def epoch(self, epoch: int, start_step: int, global_batch: int, rank: int = 0,
+              world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[BadSample]]]:
+        perm = epoch_permutation(self.num_samples, self.seed, epoch)
+        part = rank_slice(global_batch, rank, world)
+        for k in range(start_step, self.steps_per_epoch(global_batch)):
+            idx = perm[k * global_batch:(k + 1) * global_batch]
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, k, 2))
+            # Augment the whole global batch on every rank (cheap in memory) so that W processes see exactly the
+            # pixels one process would; then keep this rank's slice.
+            x = self.augment(self.data.images[idx], g)
+            y = self.data.labels[idx]
+            if self.mix is not None:
+                x, y = self.mix(x, y, g)
+            yield x[part], y[part], []
+
+
+class _EpochBatchSampler(Sampler):
+    """Yields this rank's ``(index, sample_seed)`` lists for one epoch, from ``start_step`` on."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world: int) -> None:
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.part = rank_slice(global_batch, rank, world)
+        self.epoch_index, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int) -> None:
+        self.epoch_index, self.start = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch - self.start
+
+    def __iter__(self):
+        perm = epoch_permutation(self.n, self.seed, self.epoch_index)
+        for k in range(self.start, self.n // self.global_batch):
+            pos = range(k * self.global_batch, (k + 1) * self.global_batch)[self.part]
+            yield [(int(perm[p]), derive_seed(self.seed, self.epoch_index, p, 3)) for p in pos]
+
+
+class FolderBatches:
+    """Batches decoded and augmented per image by DataLoader workers (datasets too big to hold in memory)."""
+
+    def __init__(self, dataset: SafeImageFolder, *, seed: int, num_classes: int, workers: int = 2,
+                 mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0, rank: int = 0, world: int = 1,
+                 global_batch: int = 128) -> None:
+        self.dataset = dataset
+        self.seed, self.rank, self.world, self.global_batch = seed, rank, world, global_batch
+        self.sampler = _EpochBatchSampler(len(dataset), global_batch, seed, rank, world)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
+                                 collate_fn=collate_skip_bad, persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers > 0 else None)
+        self.mix = make_mix(num_classes, mixup, cutmix, mix_prob)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return self.num_samples // global_batch
+
+    def epoch(self, epoch: int, start_step: int, global_batch: int, rank: int = 0,
+              world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[BadSample]]]:
+        assert (global_batch, rank, world) == (self.global_batch, self.rank, self.world)
+        self.sampler.set_epoch(epoch, start_step)
+        for k, (x, y, bad) in enumerate(self.loader, start=start_step):
+            if self.mix is not None and len(y):
+                g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, k, rank, 4))
+                x, y = self.mix(x, y, g)
+            yield x, y, bad
+
+
+def describe_bad(bad: list[BadSample], root: str | Path | None = None) -> str:
+    return "\n".join(f"  {b.path}: {b.reason}" for b in bad)

@@ -1,0 +1,264 @@
+"""The typed training configuration, its presets and ``--set key=value`` overrides.
+
+A :class:`TrainConfig` holds every choice of a run (model, data, optimiser, schedule, augmentation,
+regularisation, engine). It is loaded from a preset name (``src/vitlab/presets/NAME.yaml``), a YAML/JSON file or a
+Python file defining ``config`` (a dict or a ``TrainConfig``), then overridden by ``key=value`` strings whose values
+are parsed as YAML and checked against the field's type. The resolved config is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import runpy
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training or fine-tuning run. Defaults are a small from-scratch run."""
+
+    # --- model
+    model: str = "ViT-Ti/16"
+    """A ``vitlab.create_model`` name."""
+    model_overrides: dict = field(default_factory=dict)
+    """Extra keyword arguments for ``create_model`` (e.g. ``patch_size``, ``depth``, ``drop_path``, ``classifier``)."""
+    image_size: int = 224
+    num_classes: Optional[int] = None
+    """Head size; ``None`` takes the number of class folders of the training data."""
+    init: Optional[str] = None
+    """Checkpoint to fine-tune from (any source ``vitlab.load`` reads); the head is replaced by a fresh zero head."""
+    init_format: Optional[str] = None
+    """Format passed to ``vitlab.load`` when the file does not say it."""
+    init_drop_pre_logits: bool = True
+    """Fine-tuning replaces the whole pre-trained head, pre-logits layer included (paper Sec. 3.2)."""
+
+    # --- schedule and optimiser
+    epochs: float = 10.0
+    steps: Optional[int] = None
+    """Total optimiser steps; overrides ``epochs`` when set (the paper counts steps)."""
+    batch_size: int = 128
+    """Global batch (all processes and accumulation steps together)."""
+    accum_steps: int = 1
+    """Gradient accumulation: the batch is split into this many micro-batches per optimiser step."""
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    decay_embeddings: bool = False
+    """Also decay position embedding and class token (norms and biases are never decayed)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: Optional[int] = None
+    warmup_epochs: float = 0.0
+    grad_clip: Optional[float] = 1.0
+    """Clip the global gradient norm to this value; ``None`` disables clipping."""
+
+    # --- loss, augmentation and regularisation
+    label_smoothing: float = 0.0
+    crop: Literal["inception", "pad", "resize"] = "inception"
+    """``inception``: random-resized crop (the paper's); ``pad``: pad by ``crop_pad`` and crop back (CIFAR);
+    ``resize``: resize only."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_pad: int = 4
+    hflip: bool = True
+    randaugment_n: int = 0
+    """RandAugment: number of operations per image (0 disables it)."""
+    randaugment_m: int = 9
+    """RandAugment magnitude (0-30)."""
+    mixup: float = 0.0
+    """Mixup Beta(alpha, alpha) parameter; 0 disables it."""
+    cutmix: float = 0.0
+    """CutMix Beta(alpha, alpha) parameter; 0 disables it. With both on, one of the two is drawn per batch."""
+    mix_prob: float = 1.0
+    normalize: Literal["auto", "official", "imagenet", "none"] = "auto"
+    """``official``: pixels to [-1, 1] as the official checkpoints; ``imagenet``: mean/std; ``auto``: official."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights; 0 disables it. Evaluation uses the EMA weights when on."""
+
+    # --- engine
+    precision: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = False
+    seed: int = 0
+    in_memory: Union[bool, Literal["auto"]] = "auto"
+    """Decode the whole dataset once into a uint8 tensor and augment whole batches (small datasets)."""
+    in_memory_max_mb: int = 2048
+    workers: int = 2
+    """DataLoader worker processes when not in memory."""
+    threads: Optional[int] = None
+    """``torch.set_num_threads`` for the run."""
+    strict: bool = False
+    """Stop at the first unreadable image instead of skipping it."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Strategy under torchrun: DistributedDataParallel, or FSDP2 ``fully_shard`` per block."""
+    eval_every: float = 1.0
+    """Evaluate on the validation split every this many epochs (0: only at the end)."""
+    eval_batch_size: int = 256
+    checkpoint_every: int = 500
+    """Write the resumable checkpoint every this many steps (and at each evaluation and at the end)."""
+    log_every: int = 20
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.batch_size < 1 or self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of accum_steps "
+                             f"({self.accum_steps})")
+        if self.epochs <= 0 and not self.steps:
+            raise ValueError("epochs must be positive (or set steps)")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig key(s) {sorted(unknown)}; allowed: {field_names()}")
+        data = {k: tuple(v) if isinstance(v, list) and _is_tuple_field(k) else v for k, v in data.items()}
+        return cls(**data)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _is_tuple_field(name: str) -> bool:
+    return typing.get_origin(_hints().get(name)) is tuple
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return (isinstance(value, tuple) and len(value) == len(args)
+                and all(_matches(v, a) for v, a in zip(value, args)))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_types(config: TrainConfig) -> None:
+    """Raise a ``ValueError`` naming every field whose value does not match its annotation."""
+    hints = _hints()
+    errors = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple:
+            value = tuple(value)
+            setattr(config, f.name, value)
+        if not _matches(value, hints[f.name]):
+            errors.append(f"{f.name}={value!r} (expected {_describe(hints[f.name])})")
+        elif hints[f.name] is float and isinstance(value, int):
+            setattr(config, f.name, float(value))
+    if errors:
+        raise ValueError("invalid training config: " + "; ".join(errors))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".py":
+        namespace = runpy.run_path(str(path))
+        if "config" not in namespace:
+            raise ValueError(f"{path}: a Python config must define `config` (a dict or a TrainConfig)")
+        cfg = namespace["config"]
+        return cfg.to_dict() if isinstance(cfg, TrainConfig) else dict(cfg)
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid YAML/JSON: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"lr=3e-4"`` -> ``("lr", 0.0003)``; values are YAML (``null``, ``[0.9, 0.99]``, ``{drop_path: 0.1}``)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {text!r}: value is not valid YAML: {e}") from None
+    return key, value
+
+
+def load_config(preset_or_path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A preset name (see :func:`list_presets`) or a YAML/JSON/Python file, then ``key=value`` overrides.
+
+    ``model_overrides.KEY=VALUE`` sets one model override. Unknown keys and ill-typed values raise a ``ValueError``.
+    """
+    data: dict[str, Any] = {}
+    if preset_or_path is not None:
+        path = Path(preset_or_path)
+        if path.suffix in (".yaml", ".yml", ".json", ".py") or path.exists():
+            data = _read_file(path)
+        elif (PRESET_DIR / f"{preset_or_path}.yaml").is_file():
+            data = _read_file(PRESET_DIR / f"{preset_or_path}.yaml")
+        else:
+            raise ValueError(f"unknown preset or missing config file {str(preset_or_path)!r}; "
+                             f"presets: {', '.join(list_presets())}")
+    data = dict(data)
+    data["model_overrides"] = dict(data.get("model_overrides") or {})
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key.startswith("model_overrides."):
+            data["model_overrides"][key.split(".", 1)[1]] = value
+            continue
+        if key not in field_names():
+            raise ValueError(f"--set {text!r}: unknown key {key!r}; allowed: {field_names()}")
+        data[key] = value
+    return TrainConfig.from_dict(data)
