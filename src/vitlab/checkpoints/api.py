@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 Format = Literal["vitlab", "npz", "timm", "hf"]
 FORMATS: tuple[str, ...] = ("vitlab", "npz", "timm", "hf")
 HUB_PREFIX = "hf-hub:"
-ModelSpec = str | ViTConfig | None
+ModelSpec = str | ViTConfig | dict | None
 
 
 def detect_format(source: str | os.PathLike) -> str:
@@ -70,9 +70,11 @@ def load(source: str | os.PathLike | Mapping[str, torch.Tensor], *, format: Form
     """Load a model from a checkpoint of any supported format, strictly.
 
     ``source``: a file, a directory (HF / timm hub layout), ``"hf-hub:<repo>"``, or (with ``format="timm"``)
-    an in-memory state dict. ``model``: a name like ``"ViT-B/16"`` (architecture; the file's shapes fill in
-    classes, grid, classifier and pre-logits) or a full :class:`ViTConfig`, needed where shapes cannot tell the
-    architecture. The returned model is in eval mode and has ``model.labels`` (class names or None).
+    an in-memory state dict. ``model`` says what the shapes cannot: a name like ``"ViT-B/16"`` (the
+    architecture; the file's shapes still decide classes, grid, classifier and pre-logits), a dict of config
+    fields on top of the shapes (``{"num_heads": 12}``), or a full :class:`ViTConfig` taken as it is. Each
+    format brings its numerics (official: tanh GELU, eps 1e-6; timm/HF: exact GELU, their epsilons).
+    The returned model is in eval mode and has ``model.labels`` (class names or None).
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -81,7 +83,7 @@ def load(source: str | os.PathLike | Mapping[str, torch.Tensor], *, format: Form
             raise ValueError("an in-memory state dict needs format='timm' (the only bare state-dict format)")
         from vitlab.checkpoints.timm import load_timm
 
-        net = load_timm(source, model=model, source="<state dict>")
+        net = load_timm(source, model=model)
     else:
         net = _load_path(source, format, model)
     return adapt(net, image_size=image_size, num_classes=num_classes, drop_pre_logits=drop_pre_logits)

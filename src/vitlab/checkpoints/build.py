@@ -7,6 +7,7 @@ instead of three, and skips the random initialisation (seconds on a CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Mapping
@@ -58,3 +59,44 @@ def model_from_state_dict(config: Any, state_dict: Mapping[str, torch.Tensor], s
         # The fixed sine-cosine table is not stored in checkpoints; recompute it for the config's grid.
         model.register_buffer("pos_embed_fixed", sincos_2d(config.grid_size, config.width), persistent=False)
     return model.eval()
+
+
+# Fields a file's shapes decide even when the caller names the architecture (``model="ViT-B/16"``).
+FILE_FIELDS = ("num_classes", "classifier", "representation_size", "image_size", "pos_embed", "qkv_bias",
+               "in_channels")
+
+
+def resolve_config(spec: "str | ViTConfig | dict[str, Any] | None", derived: dict[str, Any],
+                   unknown: dict[str, str], numerics: dict[str, Any], source: str | os.PathLike,
+                   resnet_numerics: dict[str, Any] | None = None) -> ViTConfig:
+    """The config of a foreign checkpoint from what its shapes say and what the caller says.
+
+    ``derived``: fields read from shapes; ``unknown``: fields the shapes cannot tell, with the reason;
+    ``numerics``: the format's own numerics (GELU form, epsilons). ``spec`` is None (shapes alone), a name
+    like ``"ViT-B/16"`` (the architecture; the file decides :data:`FILE_FIELDS`), a dict of field overrides on
+    top of the shapes, or a full :class:`ViTConfig` taken as it is. A field nobody can tell raises an error.
+    """
+    from vitlab.model.config import config_from_name
+
+    if isinstance(spec, ViTConfig):
+        return spec
+    if isinstance(spec, str):
+        fields = {k: derived[k] for k in FILE_FIELDS if k in derived}
+        try:
+            config = config_from_name(spec, **fields, **numerics)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+    else:
+        overrides = dict(spec or {})
+        missing = {k: why for k, why in unknown.items() if k not in overrides}
+        if missing:
+            reasons = "; ".join(f"{k}: {why}" for k, why in missing.items())
+            raise CheckpointError(f"{source}: the shapes do not tell {sorted(missing)} ({reasons}); pass "
+                                  f"model='ViT-B/16'-style, model={{'{next(iter(missing))}': ...}} or a ViTConfig")
+        try:
+            config = ViTConfig(**{**derived, **numerics, **overrides})
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{source}: {e}") from None
+    if config.backbone is not None and resnet_numerics:
+        config = config.replace(backbone=dataclasses.replace(config.backbone, **resnet_numerics))
+    return config

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitlab.checkpoints.build import model_from_state_dict
+from vitlab.checkpoints.build import model_from_state_dict, resolve_config
 from vitlab.checkpoints.io import atomic_write
 from vitlab.checkpoints.strict import CheckpointError
-from vitlab.model.config import ResNetConfig, ViTConfig, config_from_name
+from vitlab.model.config import ResNetConfig, ViTConfig
 from vitlab.model.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _depth(p: Mapping[str, np.ndarray]) -> int:
     return depth
 
 
-def infer_config(p: OfficialParams, model: str | ViTConfig | None = None) -> ViTConfig:
+def infer_config(p: OfficialParams, model: str | ViTConfig | dict | None = None) -> ViTConfig:
     """The config of an official checkpoint: read from shapes, from ``model`` where shapes cannot tell."""
     need = ("embedding/kernel", "Transformer/encoder_norm/scale", ATT.format(0) + "query/kernel")
     missing = [k for k in need if k not in p]
@@ -176,6 +176,7 @@ def infer_config(p: OfficialParams, model: str | ViTConfig | None = None) -> ViT
         representation_size=p.shape("pre_logits/kernel")[1] if "pre_logits/kernel" in p else None,
         qkv_bias=ATT.format(0) + "query/bias" in p,
     )
+    unknown: dict[str, str] = {}
     backbone = None
     if "conv_root/kernel" in p:
         layers = []
@@ -190,22 +191,16 @@ def infer_config(p: OfficialParams, model: str | ViTConfig | None = None) -> ViT
     if POSEMB in p:
         tokens = p.shape(POSEMB)[1] - (1 if fields["classifier"] == "token" else 0)
         side = math.isqrt(tokens)
+        stride = backbone.stride if backbone else 1
         if side * side == tokens:
-            stride = backbone.stride if backbone else 1
             fields["image_size"] = (side * kh * stride) if kh == kw else (side * kh * stride, side * kw * stride)
-        elif not isinstance(model, str):
-            raise CheckpointError(f"{p.path}: the position embedding holds {tokens} patch positions, not a square "
-                                  f"grid; pass model=ViTConfig(..., image_size=(h, w)) to say which grid")
+        else:
+            unknown["image_size"] = f"the position embedding holds {tokens} patch positions, not a square grid"
     else:
         fields["pos_embed"] = "sincos-2d" if p.big_vision else "none"
-        if model is None:
-            raise CheckpointError(f"{p.path}: has no learned position embedding, so its image size cannot be read "
-                                  f"from the shapes; pass model='ViT-B/16'-style (224 px) or a ViTConfig")
-    if model is None:
-        return ViTConfig(**fields)
-    # A name fixes the architecture; the file still says how many classes, which classifier and which grid.
-    keep = ("num_classes", "classifier", "representation_size", "image_size", "pos_embed", "qkv_bias")
-    return config_from_name(model, **{k: fields[k] for k in keep if k in fields})
+        unknown["image_size"] = "there is no learned position embedding to read the grid from"
+    # The official numerics are ViTConfig's and ResNetConfig's defaults (tanh GELU, eps 1e-6, WS eps 1e-5).
+    return resolve_config(model, fields, unknown, {}, p.path)
 
 
 def official_to_vitlab(p: Mapping[str, np.ndarray], config: ViTConfig) -> dict[str, torch.Tensor]:
@@ -285,7 +280,7 @@ def _official_keys(p: Mapping[str, object]) -> Iterator[str]:
                 yield from (src + f"conv{n}/kernel", src + f"gn{n}/scale", src + f"gn{n}/bias")
 
 
-def load_npz(path: str | os.PathLike, model: str | ViTConfig | None = None) -> VisionTransformer:
+def load_npz(path: str | os.PathLike, model: str | ViTConfig | dict | None = None) -> VisionTransformer:
     """An official ``.npz`` as a vitlab model with the official numerics (see the module docstring)."""
     p = OfficialParams(path)
     try:
