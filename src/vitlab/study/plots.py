@@ -1,0 +1,99 @@
+"""The studies' figures, in the shape of the paper's: accuracy against training-set size on a log axis (Fig. 3/4),
+accuracy against sequence length and compute (Fig. 5's axes, for the patch-size study), and the position-embedding
+ablation (Appendix D.4) with each embedding's topology score. Only this module of the study imports matplotlib,
+inside the functions; figures are written atomically with ``matplotlib.figure.Figure`` (no pyplot state).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - matplotlib is a declared dependency
+        raise ImportError("the study plots need matplotlib: pip install matplotlib") from e
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    tmp.replace(path)
+    return path
+
+
+def plot_data_size(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """Test accuracy against the number of training images (log axis), one line per model."""
+    fig, ax = _figure(5.5, 3.8)
+    models: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        models.setdefault(r["label"]["model"], []).append((r["num_train"], r["top1"]))
+    for i, (model, points) in enumerate(models.items()):
+        points.sort()
+        style = "o-" if model.startswith("ViT") or "+ViT" in model else "s--"
+        ax.plot([n for n, _ in points], [a for _, a in points], style, label=model.split(":")[0], color=f"C{i}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images (nested class-balanced subsets)")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy vs training-set size", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_patch_size(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """Two panels: accuracy against sequence length, and against forward GFLOPs per image."""
+    fig, (left, right) = _figure(8.5, 3.6, ncols=2)
+    rows = sorted(results, key=lambda r: r["info"]["sequence_length"])
+    seq = [r["info"]["sequence_length"] for r in rows]
+    acc = [r["top1"] for r in rows]
+    left.plot(seq, acc, "o-")
+    left.set_xscale("log", base=2)
+    left.set_xticks(seq, [str(s) for s in seq])
+    left.set_xlabel("sequence length (patches)")
+    left.set_ylabel("test top-1 accuracy (%)")
+    for r in rows:
+        left.annotate(f"/{r['info']['patch_size']}", (r["info"]["sequence_length"], r["top1"]),
+                      textcoords="offset points", xytext=(4, -10), fontsize=8)
+    flops = [r["info"]["gflops_per_image"] for r in rows]
+    if all(f is not None for f in flops):
+        right.plot(flops, acc, "o-", color="C1")
+        from matplotlib.ticker import NullFormatter
+
+        right.set_xscale("log")
+        right.xaxis.set_minor_formatter(NullFormatter())
+        right.set_xlabel("forward GFLOPs per image")
+    else:
+        right.text(0.5, 0.5, "FLOPs not available", ha="center", va="center", transform=right.transAxes)
+    right.set_ylabel("test top-1 accuracy (%)")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("Same width and depth, smaller patches", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_pos_embed(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """Bars of test accuracy per position embedding, each labelled with its trained topology score."""
+    fig, ax = _figure(5.5, 3.6)
+    names = [r["label"]["pos_embed"] for r in results]
+    acc = [r["top1"] for r in results]
+    bars = ax.bar(range(len(names)), acc, color=[f"C{i}" for i in range(len(names))])
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("test top-1 accuracy (%)")
+    low = min(acc)
+    ax.set_ylim(max(0.0, low - 10.0), max(acc) + 5.0)
+    for bar, r in zip(bars, results):
+        score = r.get("topology")
+        text = f"{r['top1']:.1f}%" + ("" if score is None else f"\nρ={score:+.2f}")
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8, textcoords="offset points", xytext=(0, 2))
+    ax.set_title("Position embeddings (ρ: Spearman of similarity vs grid distance)", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)

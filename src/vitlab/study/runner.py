@@ -1,0 +1,254 @@
+"""Running a study: a grid of training runs ("cells") with resume, one overall progress bar and a time budget.
+
+A study directory holds ``plan.json`` (the request and the number of optimisation steps every cell gets),
+``cells/<key>/`` (each cell's training run, resumable by the training engine) and ``results/<key>.json`` (written
+atomically once the cell has finished). A finished cell is never run again; a cell interrupted mid-training
+continues from its last checkpoint. Asking a study directory for a different study raises an error instead of
+mixing results.
+
+``--budget-minutes`` is turned into steps once, before the first cell: each distinct model is timed for a few
+training steps on a synthetic batch, and the steps are the largest count such that every cell together (training,
+plus an estimate of decoding and evaluation) fits the budget. The count is stored in the plan, so a resumed study
+keeps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from vitlab.train.checkpoint import atomic_write
+from vitlab.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Per-step cost of the real data pipeline (in-memory batches, crop, flip, RandAugment) and logging over the
+# synthetic probe step; measured on the 2-core development CPU with the small-scratch recipe (docs/study.md).
+PIPELINE_FACTOR = 1.25
+# Decoding one 32-px JPEG into memory, per image and per cell (train subset + test split), in seconds.
+DECODE_SECONDS_PER_IMAGE = 4e-4
+MIN_STEPS = 10
+
+
+@dataclass
+class Cell:
+    """One training run of a study: what varies (``label``), the full training config and the data it reads."""
+
+    key: str
+    label: dict[str, Any]
+    config: TrainConfig
+    data_dir: Path
+    num_train: int = 0
+    num_test: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    """Numbers known before training (sequence length, FLOPs, subset digest), copied into the result."""
+
+
+# ------------------------------------------------------------------------------------------------ model specs
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"ViT-Ti/16:patch_size=4:depth=6"`` -> ``("ViT-Ti/16", {"patch_size": 4, "depth": 6})`` (values are
+    YAML). The name and every override are checked by building the config."""
+    from vitlab.model import config_from_name
+
+    name, *parts = spec.strip().split(":")
+    overrides: dict[str, Any] = {}
+    for part in parts:
+        if "=" not in part:
+            raise ValueError(f"model spec {spec!r}: expected NAME[:key=value...], got the part {part!r}")
+        key, raw = part.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(raw)
+    config_from_name(name, **overrides)  # raises a ValueError naming what is allowed
+    return name, overrides
+
+
+def model_slug(spec: str) -> str:
+    """A file-name-safe form of a model spec: ``ViT-Ti/16:depth=6`` -> ``ViT-Ti-16_depth6``."""
+    name, overrides = parse_model_spec(spec)
+    parts = [name.replace("/", "-").replace("+", "plus")]
+    parts += [f"{k}{v}" for k, v in overrides.items()]
+    return "_".join(parts).replace(" ", "")
+
+
+def split_list(text: str, kind: type = str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list, got {text!r}")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise ValueError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------- plan
+def load_or_make_plan(out_dir: Path, request: dict[str, Any], make_steps: Callable[[], dict[str, Any]]) -> dict:
+    """The study's plan: the stored one if ``request`` matches it, else a new one (``make_steps`` returns at least
+    ``{"steps": N}``). A stored plan for a different request raises a ``ValueError`` naming the differences."""
+    path = out_dir / "plan.json"
+    if path.is_file():
+        try:
+            plan = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); remove it to start the study again") from None
+        diff = _diff(plan.get("request", {}), request)
+        if diff:
+            raise ValueError(f"{path} belongs to a different study request; finished cells would be mixed with new "
+                             f"ones. Use another --out, or repeat the original arguments. Differences:\n  "
+                             + "\n  ".join(diff))
+        log.info("resuming the study in %s (%d steps per cell)", out_dir, plan["steps"])
+        return plan
+    plan = {"request": request, **make_steps(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1)))
+    return plan
+
+
+def _diff(stored: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Differences between two requests, descending into nested dicts (the recipe) so only changed keys show."""
+    out = []
+    for k in sorted(set(stored) | set(now)):
+        a, b = stored.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            out.append(f"{prefix}{k}: stored {a!r} vs now {b!r}")
+    return out
+
+
+def recipe_request(config: TrainConfig) -> dict[str, Any]:
+    """The parts of a recipe that change results (threads, workers, logging ... may differ on resume)."""
+    from vitlab.train.engine import RESUMABLE_CHANGES
+
+    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+
+
+# ------------------------------------------------------------------------------------------------- budget
+def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 3, max_seconds: float = 20.0) -> float:
+    """Median seconds of one training step of ``config``'s model on a synthetic batch (one warm-up step first)."""
+    from vitlab.train.engine import build_model, build_optimizer, train_step
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.replace(init=None), num_classes).train()
+    optimizer = build_optimizer(model, config)
+    micro = config.batch_size // config.accum_steps
+    x = torch.randn(config.batch_size, 3, config.image_size, config.image_size)
+    y = torch.randint(0, num_classes, (config.batch_size,))
+    parts = list(zip(x.split(micro), y.split(micro)))
+    device = torch.device("cpu")
+    times: list[float] = []
+    start = time.perf_counter()
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        train_step(model, optimizer, parts, config=config, device=device, step=i, rank=0, lr=config.lr * 1e-3)
+        if i:
+            times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds and times:
+            break
+    times.sort()
+    return times[len(times) // 2]
+
+
+def steps_for_budget(cells: list[Cell], budget_minutes: float, num_classes: int) -> dict[str, Any]:
+    """The common step count that makes all ``cells`` fit ``budget_minutes``, with the probe timings used."""
+    probes: dict[str, float] = {}
+    for cell in cells:
+        key = json.dumps([cell.config.model, cell.config.model_overrides, cell.config.batch_size], sort_keys=True)
+        if key not in probes:
+            probes[key] = probe_step_seconds(cell.config, num_classes)
+            log.info("probe %s: %.3f s/step", key, probes[key])
+    per_step = 0.0
+    fixed = 0.0
+    for cell in cells:
+        key = json.dumps([cell.config.model, cell.config.model_overrides, cell.config.batch_size], sort_keys=True)
+        t = probes[key] * PIPELINE_FACTOR
+        per_step += t
+        # Decoding the subset and the test split once, and evaluating the test split (a forward is ~1/3 of a step).
+        fixed += DECODE_SECONDS_PER_IMAGE * (cell.num_train + cell.num_test)
+        fixed += math.ceil(cell.num_test / cell.config.batch_size) * probes[key] / 3.0
+    budget = budget_minutes * 60.0
+    steps = int((budget - fixed) / per_step) if per_step > 0 else MIN_STEPS
+    if steps < MIN_STEPS:
+        log.warning("a %.1f-minute budget leaves %d steps per cell; using %d (the study will take longer)",
+                    budget_minutes, steps, MIN_STEPS)
+        steps = MIN_STEPS
+    return {"steps": steps, "budget_minutes": budget_minutes, "probe_seconds_per_step": probes,
+            "estimated_minutes": round((fixed + steps * per_step) / 60.0, 2)}
+
+
+# --------------------------------------------------------------------------------------------------- run
+def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
+              after: Callable[[Cell, Path], dict[str, Any]] | None = None,
+              progress: bool | None = None) -> list[dict[str, Any]]:
+    """Train every cell not finished yet (in order) and return all cells' results.
+
+    ``after(cell, run_dir)`` adds study-specific numbers measured on the trained model (e.g. the position
+    embedding's topology). A cell interrupted by a signal stops the study; rerunning the same command continues it.
+    """
+    from vitlab.train import train
+
+    results_dir = out_dir / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    keys = [c.key for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate study cells: {sorted(k for k in keys if keys.count(k) > 1)}")
+    if progress is None:
+        import sys
+
+        progress = sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(c.config.steps or 0 for c in cells)
+        bar = tqdm(total=total, desc=study, unit="step", position=0, dynamic_ncols=True)
+    results = []
+    try:
+        for cell in cells:
+            path = results_dir / f"{cell.key}.json"
+            if path.is_file():
+                results.append(json.loads(path.read_text()))
+                log.info("%s: finished earlier, skipped", cell.key)
+                if bar is not None:
+                    bar.update(cell.config.steps or 0)
+                continue
+            if bar is not None:
+                bar.set_postfix_str(cell.key)
+            run_dir = out_dir / "cells" / cell.key
+            resume = (run_dir / "checkpoint.pt").is_file()
+            log.info("%s: %s %d steps on %s", cell.key, "resuming" if resume else "training", cell.config.steps,
+                     cell.data_dir)
+            start = time.perf_counter()
+            result = train(cell.config, cell.data_dir, run_dir, resume=resume, progress=progress)
+            if result.get("interrupted"):
+                log.warning("%s interrupted; rerun the same command to continue", cell.key)
+                break
+            record = {
+                "study": study, "key": cell.key, "label": cell.label, "info": cell.info,
+                "num_train": cell.num_train, "num_test": cell.num_test,
+                "top1": result.get("top1"), "top5": result.get("top5"), "test_loss": result.get("loss"),
+                "steps": result.get("step"), "epochs": result.get("epochs"),
+                "train_loss": result.get("train_loss"), "train_seconds": result.get("train_seconds"),
+                "train_img_per_s": result.get("train_img_per_s"),
+                "wall_seconds": round(time.perf_counter() - start, 2),
+                "per_class": result.get("per_class"), "run_dir": str(run_dir),
+                "config": dataclasses.asdict(cell.config),
+            }
+            if after is not None:
+                record.update(after(cell, run_dir))
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+            results.append(record)
+            log.info("%s: top-1 %.2f%% in %.0f s", cell.key, record["top1"] or float("nan"), record["wall_seconds"])
+            if bar is not None:
+                bar.update(cell.config.steps or 0)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
