@@ -45,6 +45,10 @@ class TrainConfig:
     epochs: float = 10.0
     steps: Optional[int] = None
     """Total optimiser steps; overrides ``epochs`` when set (the paper counts steps)."""
+    budget_minutes: Optional[float] = None
+    """Wall-clock budget of the training loop: the schedule runs on elapsed time (its length is re-estimated from
+    the measured step rate) and the run stops when the budget is spent, ``epochs``/``steps`` being an upper bound.
+    Such a run is not bit-exact on resume."""
     batch_size: int = 128
     """Global batch (all processes and accumulation steps together)."""
     accum_steps: int = 1

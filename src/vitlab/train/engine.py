@@ -354,6 +354,8 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, res
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     fsdp = d.world > 1 and config.distributed == "fsdp"
+    if config.budget_minutes and d.world > 1:
+        raise ValueError("budget_minutes needs a single process (each process would measure its own schedule)")
 
     state = None
     if resume:
@@ -425,7 +427,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, res
                           "lr": lr_at(max(step - 1, 0), total_steps=total_steps, peak=config.lr,
                                       warmup_steps=warmup, kind=config.schedule, min_lr=config.min_lr)},
             "ema": ema.state if ema is not None else {},
-            "rng": rng_states(), "step": step, "epoch": step / spe, "config": config.to_dict(),
+            "rng": rng_states(), "elapsed": time.perf_counter() - loop_start, "step": step, "epoch": step / spe, "config": config.to_dict(),
             "classes": data.classes, "bad": [[b.path, b.reason] for b in bad_seen],
         })
 
@@ -448,10 +450,16 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, res
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     train_time, images_seen, data_time = 0.0, 0, 0.0
-    last_loss, result_eval = float("nan"), None
+    budget_s = config.budget_minutes * 60 if config.budget_minutes else None
+    step_cap = total_steps
+    resumed_elapsed = float(state.get("elapsed", 0.0)) if state is not None else 0.0
+    loop_start = time.perf_counter() - resumed_elapsed
+    finished = False
+    start_step = step
+    last_loss, result_eval, gnorm = float("nan"), None, None
     interrupted = False
     try:
-        while step < total_steps and not stop["signal"]:
+        while not finished and step < total_steps and not stop["signal"]:
             epoch = step // spe
             batches = data.train.epoch(epoch, step % spe, config.batch_size, d.rank, d.world)
             t_data = time.perf_counter()
@@ -460,6 +468,11 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, res
                     _record_bad(bad, bad_seen, run_dir, d, config.strict)
                 t0 = time.perf_counter()
                 data_time += t0 - t_data
+                if budget_s is not None and step - start_step >= 10:
+                    # Time-budget mode: re-estimate the schedule's length from the measured step rate.
+                    elapsed = time.perf_counter() - loop_start
+                    rate = (step - start_step) / max(elapsed - resumed_elapsed, 1e-9)
+                    total_steps = min(step_cap, max(step + 1, round(step + rate * (budget_s - elapsed))))
                 lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup, kind=config.schedule,
                            min_lr=config.min_lr)
                 parts = list(zip(x.split(micro // d.world), y.split(micro // d.world))) if len(y) else []
@@ -481,7 +494,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, res
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}",
                                     img_s=f"{images_seen / max(train_time + data_time, 1e-9):.0f}")
-                done = step >= total_steps
+                done = step >= total_steps or (budget_s is not None and time.perf_counter() - loop_start >= budget_s)
                 if (eval_interval and step % eval_interval == 0 and not done):
                     result_eval = run_eval()
                     if result_eval is not None:
@@ -492,6 +505,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, res
                 elif step % config.checkpoint_every == 0 and not done:
                     checkpoint()
                 if done or stop["signal"]:
+                    finished = done
                     break
                 t_data = time.perf_counter()
         if stop["signal"]:
