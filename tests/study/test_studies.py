@@ -1,0 +1,147 @@
+"""The study machinery on tiny settings: two fractions x two models, a few steps; resume; the budget rule;
+patch-size and position-embedding cells. Accuracies are not checked, only what the studies compute and write."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import vitlab.train
+from tests.study.conftest import TINY_RECIPE, TINY_RESNET, TINY_VIT
+from vitlab.study import runner, studies
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("a finished cell was trained again")
+
+
+def test_data_size_runs_resumes_and_refuses_a_different_request(tiny_data, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "study"
+    kwargs = dict(models=[TINY_VIT, TINY_RESNET], fractions=[1.0, 0.5], steps=2, sets=TINY_RECIPE, progress=False)
+    summary = studies.data_size(tiny_data, out, **kwargs)
+    cells = summary["cells"]
+    assert summary["complete"] and len(cells) == 4
+    assert [(c["label"]["fraction"], c["label"]["model"]) for c in cells] == [
+        (0.5, TINY_VIT), (0.5, TINY_RESNET), (1.0, TINY_VIT), (1.0, TINY_RESNET)]  # small subsets first
+    for c in cells:
+        assert c["steps"] == 2 and 0.0 <= c["top1"] <= 100.0 and c["num_test"] == 18
+        assert c["num_train"] == {0.5: 30, 1.0: 60}[c["label"]["fraction"]]
+    by_fraction = {}
+    for c in cells:  # both models saw exactly the same images
+        by_fraction.setdefault(c["label"]["fraction"], set()).add(c["info"]["subset_digest"])
+    assert all(len(d) == 1 for d in by_fraction.values())
+    assert json.loads((out / "data-size.json").read_text())["cells"] == json.loads(json.dumps(cells))
+    assert (out / "data-size.png").stat().st_size > 0 and "| ResNet-26" in (out / "data-size.md").read_text()
+    assert (out / "cells" / cells[1]["key"] / "model.safetensors").is_file()
+
+    # Resume: nothing finished is redone (train would raise) and the summary is the same.
+    monkeypatch.setattr(vitlab.train, "train", _no_training)
+    again = studies.data_size(tiny_data, out, **kwargs)
+    assert [c["top1"] for c in again["cells"]] == [c["top1"] for c in cells]
+
+    # A different request in the same directory is refused, naming what changed.
+    with pytest.raises(ValueError, match=r"fractions: stored \[0.5, 1.0\]"):
+        studies.data_size(tiny_data, out, **{**kwargs, "fractions": [0.5, 0.25]})
+    with pytest.raises(ValueError, match="recipe.lr"):
+        studies.data_size(tiny_data, out, **{**kwargs, "sets": TINY_RECIPE + ["lr=0.1"]})
+
+
+def test_only_unfinished_cells_run_and_interrupted_cells_are_not_recorded(tiny_data, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "study"
+    kwargs = dict(model=TINY_VIT, kinds=["none", "learned-1d"], steps=2, sets=TINY_RECIPE, progress=False)
+    first = studies.pos_embed(tiny_data, out, **kwargs)
+    finished = first["cells"][1]["key"]
+    (out / "results" / f"{finished}.json").unlink()
+    calls = []
+    real_train = vitlab.train.engine.train
+
+    def counting(config, data_dir, run_dir, *, resume=False, progress=None):
+        calls.append((run_dir.name, resume))
+        return real_train(config, data_dir, run_dir, resume=resume, progress=progress)
+
+    monkeypatch.setattr(vitlab.train, "train", counting)
+    second = studies.pos_embed(tiny_data, out, **kwargs)
+    assert calls == [(finished, True)]  # only the missing cell, continued from its checkpoint
+    assert second["cells"][1]["top1"] == first["cells"][1]["top1"]
+
+    monkeypatch.setattr(vitlab.train, "train", lambda *a, **k: {"interrupted": True, "step": 1})
+    (out / "results" / f"{finished}.json").unlink()
+    third = studies.pos_embed(tiny_data, out, **kwargs)
+    assert not third["complete"] and len(third["cells"]) == 1
+    assert not (out / "results" / f"{finished}.json").exists()
+
+
+def test_pos_embed_topology_scores(tiny_data, tmp_path) -> None:
+    summary = studies.pos_embed(tiny_data, tmp_path / "pe", model=TINY_VIT, kinds=["none", "learned-1d", "sincos-2d"],
+                                steps=2, sets=TINY_RECIPE, progress=False)
+    none, learned, sincos = summary["cells"]
+    assert none["topology"] is None and none["topology_init"] is None
+    assert abs(learned["topology_init"]) < 0.35  # random N(0, 0.02) embeddings carry no grid structure
+    assert sincos["topology"] == pytest.approx(sincos["topology_init"]) and sincos["topology"] < -0.8  # fixed
+    assert (tmp_path / "pe" / "pos-embed_learned-1d_similarity.png").is_file()
+    assert "| sincos-2d |" in summary["table"]
+
+
+def test_patch_size_sequence_and_flops(tiny_data, tmp_path) -> None:
+    from vitlab.bench.flops import count_flops
+    from vitlab.model import config_from_name
+
+    summary = studies.patch_size(tiny_data, tmp_path / "ps", model=TINY_VIT, patch_sizes=[2, 8, 4], steps=1,
+                                 sets=TINY_RECIPE, progress=False)
+    info = [c["info"] for c in summary["cells"]]
+    assert [i["patch_size"] for i in info] == [8, 4, 2] and [i["sequence_length"] for i in info] == [4, 16, 64]
+    for i in info:
+        cfg = config_from_name("ViT-Ti/16", num_classes=3, image_size=16, width=16, depth=1, num_heads=2, mlp_dim=32,
+                               patch_size=i["patch_size"])
+        assert i["gflops_per_image"] == pytest.approx(count_flops(cfg) / 1e9)
+    assert (tmp_path / "ps" / "patch-size.png").is_file()
+
+
+def test_budget_turns_minutes_into_steps(tiny_data, tmp_path, monkeypatch) -> None:
+    seconds = {"ViT-Ti/16": 0.2, "ResNet-26": 0.1}
+    monkeypatch.setattr(runner, "probe_step_seconds", lambda config, num_classes: seconds[config.model])
+    base = studies.base_config(None, TINY_RECIPE)
+    cells = [runner.Cell(key=f"{m}{i}", label={}, config=studies.cell_config(base, spec, 100), data_dir=tiny_data,
+                         num_train=1000, num_test=200)
+             for i in range(2) for m, spec in (("v", TINY_VIT), ("r", TINY_RESNET))]
+    plan = runner.steps_for_budget(cells, budget_minutes=2.0, num_classes=3)
+    per_step = 2 * (0.2 + 0.1) * runner.PIPELINE_FACTOR
+    fixed = 4 * 1200 * runner.DECODE_SECONDS_PER_IMAGE + 2 * 25 * (0.2 + 0.1) / 3  # ceil(200 / 8) eval batches
+    assert plan["steps"] == int((120.0 - fixed) / per_step)
+    assert plan["estimated_minutes"] == pytest.approx((fixed + plan["steps"] * per_step) / 60, abs=0.01)
+    assert runner.steps_for_budget(cells, budget_minutes=0.01, num_classes=3)["steps"] == runner.MIN_STEPS
+
+
+def test_probe_times_a_real_step() -> None:
+    base = studies.base_config(None, TINY_RECIPE)
+    t = runner.probe_step_seconds(studies.cell_config(base, TINY_VIT, 10), 3, steps=1)
+    assert 0.0 < t < 30.0
+
+
+def test_model_specs_and_cli_errors(tiny_data, tmp_path, capsys) -> None:
+    from vitlab.cli import main
+
+    assert runner.parse_model_spec("ViT-Ti/16:patch_size=4:classifier=gap") == (
+        "ViT-Ti/16", {"patch_size": 4, "classifier": "gap"})
+    assert runner.model_slug("ViT-Ti/16:depth=2") == "ViT-Ti-16_depth2"
+    with pytest.raises(ValueError, match="known names"):
+        runner.parse_model_spec("ViT-Q/16")
+    with pytest.raises(ValueError, match="expected NAME"):
+        runner.parse_model_spec("ViT-Ti/16:depth")
+    assert main(["study", "data-size", "--data", str(tiny_data), "--out", str(tmp_path / "x"),
+                 "--models", "ResNet-77", "--steps", "1"]) == 2
+    assert "ResNet-77" in capsys.readouterr().err
+    assert main(["study", "pos-embed", "--data", str(tiny_data), "--out", str(tmp_path / "y"),
+                 "--kinds", "learned-3d", "--steps", "1"]) == 2
+    assert "learned-3d" in capsys.readouterr().err
+
+
+def test_cli_runs_a_study(tiny_data, tmp_path, capsys) -> None:
+    from vitlab.cli import main
+
+    sets = [a for s in TINY_RECIPE for a in ("--set", s)]
+    assert main(["study", "patch-size", "--data", str(tiny_data), "--out", str(tmp_path / "p"), "--model", TINY_VIT,
+                 "--patch-sizes", "8", "--steps", "1", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "| 8 | 4 |" in out and "1 steps per cell" in out
