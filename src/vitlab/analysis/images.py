@@ -1,13 +1,14 @@
 """Reading the images an analysis runs on: decode, convert to RGB, resize to the model's resolution, normalise.
 
 Evaluation in the official code resizes the whole image to the model's resolution (no crop) and scales pixels
-to [-1, 1]; that is the default here. Models trained with another scaling say so through
-:func:`input_normalization`, or the caller picks one by name.
+to [-1, 1]; that is the default here. :func:`input_normalization` finds the scaling a checkpoint records, or the
+caller picks one by name (``official``, ``imagenet``, ``none`` = plain [0, 1]).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,35 +20,60 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
-# name -> (mean, std) applied to pixels in [0, 1]
-NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "official": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1], the official ViT checkpoints (and HF google/vit-*)
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision/timm ImageNet statistics
-    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # plain [0, 1]
-}
+def _named(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    # The training engineer's table, so that inspect scales images exactly as training and evaluation did.
+    from vitlab.data.transforms import NORMALIZATIONS
+
+    name = "official" if name == "auto" else name
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"--normalize: unknown normalization {name!r}; expected one of {sorted(NORMALIZATIONS)}")
+    return NORMALIZATIONS[name]
 
 
-def input_normalization(model: nn.Module, default: str = "official") -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    """(mean, std, source) of the scaling ``model`` expects.
+def input_normalization(model: nn.Module, checkpoint: str | Path | None = None,
+                        default: str = "official") -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, source) of the input scaling ``model`` expects, from the first of:
 
-    A checkpoint loader may record the scaling on the model as ``model.input_mean`` / ``model.input_std``
-    (sequences per channel) or in a ``model.metadata`` / ``model.pretrained_cfg`` mapping with ``mean``/``std``
-    keys (the names timm uses); without any of these the ``default`` named scaling is used.
+    1. ``model.input_mean`` / ``model.input_std``, or ``mean``/``std`` in a ``model.pretrained_cfg`` mapping
+       (the names timm uses), should a loader record them;
+    2. next to ``checkpoint``: a Hugging Face ``preprocessor_config.json`` (``image_mean``/``image_std``), or the
+       ``config.json`` that ``vitlab train`` writes into its run folder (its ``normalize`` field);
+    3. the ``default`` named scaling (the official [-1, 1]).
     """
     mean, std = getattr(model, "input_mean", None), getattr(model, "input_std", None)
     if mean is not None and std is not None:
         return tuple(float(v) for v in mean), tuple(float(v) for v in std), "model.input_mean/input_std"
-    for attr in ("metadata", "pretrained_cfg"):
-        meta: Any = getattr(model, attr, None)
-        if isinstance(meta, dict):
-            for mk, sk in (("mean", "std"), ("input_mean", "input_std"), ("image_mean", "image_std")):
-                if meta.get(mk) is not None and meta.get(sk) is not None:
-                    return (tuple(float(v) for v in meta[mk]), tuple(float(v) for v in meta[sk]),
-                            f"model.{attr}[{mk!r}]")
-    if default not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {default!r}; expected one of {sorted(NORMALIZATIONS)}")
-    mean, std = NORMALIZATIONS[default]
+    meta: Any = getattr(model, "pretrained_cfg", None)
+    if isinstance(meta, dict) and meta.get("mean") is not None and meta.get("std") is not None:
+        return tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"]), "model.pretrained_cfg"
+    if checkpoint is not None and not str(checkpoint).startswith("hf-hub:"):
+        path = Path(checkpoint)
+        folder = path if path.is_dir() else path.parent
+        pre = folder / "preprocessor_config.json"
+        if pre.is_file():
+            cfg = _read_json(pre)
+            if cfg.get("image_mean") is not None and cfg.get("image_std") is not None:
+                return (tuple(float(v) for v in cfg["image_mean"]), tuple(float(v) for v in cfg["image_std"]),
+                        str(pre))
+        run_cfg = folder / "config.json"
+        if run_cfg.is_file() and path.is_file():
+            name = _read_json(run_cfg).get("normalize")
+            if isinstance(name, str):
+                mean, std = _named(name)
+                return mean, std, f"{run_cfg} (normalize={name!r})"
+    mean, std = _named(default)
     return mean, std, default
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s: not readable JSON (%s)", path, e)
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def list_images(root: str | Path, limit: int | None = None) -> list[Path]:
@@ -77,7 +103,10 @@ def read_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
     try:
         data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)  # 3, h, w uint8
+        with warnings.catch_warnings():
+            # torchvision 0.29 announces a move of its decoders to torchcodec; they still work and are what we use.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)  # 3, h, w uint8
     except Exception as e:  # torchvision raises RuntimeError for unreadable content
         raise ValueError(f"cannot decode image {path}: {e}") from e
     if img.dtype != torch.uint8:  # 16-bit PNGs decode to uint16

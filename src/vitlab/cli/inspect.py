@@ -38,13 +38,15 @@ def load_model(checkpoint: str, fmt: str | None = None, model_name: str | None =
 
 
 def inspect_checkpoint(model: nn.Module, images: str | Path, out: str | Path, *, num_images: int = DEFAULT_NUM_IMAGES,
-                       normalize: str = "auto", meta: dict | None = None, **kwargs) -> dict:
-    """Read up to ``num_images`` images from ``images``, scale them as the model expects, run every analysis."""
+                       normalize: str = "auto", checkpoint: str | Path | None = None, meta: dict | None = None,
+                       **kwargs) -> dict:
+    """Read up to ``num_images`` images from ``images``, scale them as the model expects (``normalize="auto"``:
+    what ``checkpoint`` records, else the official [-1, 1]), and run every analysis."""
     from vitlab.analysis.images import input_normalization, list_images, read_images
     from vitlab.analysis.report import inspect_model
 
     if normalize == "auto":
-        mean, std, source = input_normalization(model)
+        mean, std, source = input_normalization(model, checkpoint)
     else:
         mean, std, source = input_normalization(nn.Module(), default=normalize)
     paths = list_images(images, num_images)
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         summary = inspect_checkpoint(
             model, images, args.out, num_images=args.num_images, normalize=args.normalize, layers=layers,
             head=head, query=args.query, k=args.k, batch_size=args.batch_size, num_show=args.num_show,
-            meta={"checkpoint": str(args.checkpoint)},
+            checkpoint=args.checkpoint, meta={"checkpoint": str(args.checkpoint)},
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vitlab inspect: error: {e}")
@@ -102,8 +104,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                  "e.g. ViT-B/16")
     p.add_argument("--image-size", type=int, default=None,
                    help="analyse at this resolution; the position embedding is resampled if it differs")
-    p.add_argument("--normalize", default="auto", choices=["auto", "official", "imagenet", "unit"],
-                   help="input scaling: auto = what the checkpoint records, else official [-1, 1] (default auto)")
+    p.add_argument("--normalize", default="auto", choices=["auto", "official", "imagenet", "none"],
+                   help="input scaling: auto = what the checkpoint records (HF preprocessor_config.json, the "
+                        "training run's config.json), else official [-1, 1]; none = [0, 1] (default auto)")
     p.add_argument("--layer", type=int, action="append", default=None,
                    help="layer (1-based) to show in the raw attention figure; repeat for several (default: all)")
     p.add_argument("--head", type=int, default=None, help="head (1-based) for the raw attention figure "
