@@ -183,17 +183,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, format: Format = "vitlab"
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, src_format: Format | None = None,
             dst_format: Format = "vitlab", model: ModelSpec = None, image_size: int | tuple[int, int] | None = None,
             num_classes: int | None = None, progress: bool = False) -> Path:
-    """Load ``src`` and write it to ``dst`` in ``dst_format`` (what ``vitlab convert`` runs)."""
-    from tqdm.auto import tqdm
+    """Load ``src`` and write it to ``dst`` in ``dst_format`` (what ``vitlab convert`` runs); ``progress`` shows
+    a bar over the bytes read from the source."""
+    from vitlab.checkpoints.io import read_progress
 
-    steps = ["read + convert", "write"]
-    with tqdm(total=len(steps), desc=f"{Path(str(src)).name}", unit="step", disable=not progress) as bar:
-        bar.set_postfix_str(steps[0])
+    local = not (isinstance(src, str) and src.startswith(HUB_PREFIX)) and Path(src).exists()
+    with read_progress(src, enabled=progress and local):
         net = load(src, format=src_format, model=model, image_size=image_size, num_classes=num_classes)
-        bar.update()
-        bar.set_postfix_str(steps[1])
-        out = save(net, dst, format=dst_format)
-        bar.update()
-    return out
-
-
+    return save(net, dst, format=dst_format)

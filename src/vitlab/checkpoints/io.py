@@ -3,17 +3,51 @@ file, and atomic writes (temp file + rename) so a failed save never destroys an 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vitlab.checkpoints.strict import CheckpointError
 
+
+_PROGRESS: contextvars.ContextVar[Any] = contextvars.ContextVar("vitlab_checkpoint_progress", default=None)
+
+
+@contextlib.contextmanager
+def read_progress(source: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+    """A tqdm bar, in bytes, advanced by every tensor the readers below take from ``source`` (a file, or the
+    weights inside a directory); a no-op when disabled."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    path = Path(str(source))
+    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")] if path.is_dir() else [path]
+    total = sum(f.stat().st_size for f in files if f.exists()) or None
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {path.name}") as bar:
+        token = _PROGRESS.set(bar)
+        try:
+            yield
+            if total:
+                bar.update(max(total - bar.n, 0))
+        finally:
+            _PROGRESS.reset(token)
+
+
+def report_read(nbytes: int) -> None:
+    """Advance the progress bar of :func:`read_progress`, if one is active."""
+    bar = _PROGRESS.get()
+    if bar is not None:
+        bar.update(nbytes)
 
 
 def _not_safetensors(path: Path, head: bytes, why: str) -> CheckpointError:
@@ -76,12 +110,16 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; a damaged file raises :class:`CheckpointError` naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     safetensors_metadata(path)  # validates header and length first, with a readable message
     try:
-        return load_file(str(path))
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+                report_read(out[key].nbytes)
+        return out
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vitlab.checkpoints.build import model_from_state_dict, resolve_config
-from vitlab.checkpoints.io import atomic_write
+from vitlab.checkpoints.io import atomic_write, report_read
 from vitlab.checkpoints.strict import CheckpointError
 from vitlab.model.config import ResNetConfig, ViTConfig
 from vitlab.model.vit import VisionTransformer
@@ -111,6 +111,7 @@ class OfficialParams(Mapping[str, np.ndarray]):
             arr = self._npz[key]
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise CheckpointError(f"{self.path}: cannot read array {key!r} ({e}); the file is damaged") from None
+        report_read(arr.nbytes if layer is None else arr.nbytes // max(arr.shape[0], 1))
         arr = arr if layer is None else arr[layer]
         if name == POSEMB and self.big_vision and "cls" in self._src:
             # big_vision adds the class token after the position embedding: the class slot is zero.
@@ -118,7 +119,22 @@ class OfficialParams(Mapping[str, np.ndarray]):
         return arr
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self[name].shape)
+        """An array's shape from its .npy header alone (config inference must not read whole kernels)."""
+        key, layer = self._src[name]
+        try:
+            with self._npz.zip.open(key + ".npy") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]  # (shape, fortran_order, dtype)
+        except (KeyError, zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise CheckpointError(f"{self.path}: cannot read the header of {key!r} ({e}); the file is damaged") from None
+        shape = tuple(shape[1:]) if layer is not None else tuple(shape)
+        if name == POSEMB and self.big_vision and "cls" in self._src:
+            shape = (shape[0], shape[1] + 1, *shape[2:])
+        return shape
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the array
+        return name in self._src
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._src)
