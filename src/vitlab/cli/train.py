@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"vitlab train: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 reports
     if result.get("interrupted"):
         print(f"stopped by signal at step {result['step']}; resume with --resume (checkpoint in {args.out})")
         return 0

@@ -264,5 +264,11 @@ def load_config(preset_or_path: str | Path | None = None, overrides: list[str] |
             continue
         if key not in field_names():
             raise ValueError(f"--set {text!r}: unknown key {key!r}; allowed: {field_names()}")
+        if isinstance(value, str) and _matches(1.5, _hints()[key]):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; a float field takes it as the number it means.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         data[key] = value
     return TrainConfig.from_dict(data)

@@ -344,10 +344,18 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, res
     (``top1`` etc. on the validation split, when there is one, plus throughput). Under torchrun every process calls
     this; rank 0 writes the files.
     """
-    run_dir = Path(out_dir)
-    d = setup_distributed()
+    threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(config, Path(out_dir), data_dir, resume, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: bool,
+           progress: bool | None) -> dict[str, Any]:
+    d = setup_distributed()
     if progress is None:
         progress = sys.stderr.isatty()
     progress = progress and d.main

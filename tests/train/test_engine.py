@@ -1,0 +1,156 @@
+"""The training loop in-process on tiny generated folders: outputs, optimiser details, fine-tuning, bad images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import vitlab
+from tests.train.tiny import make_folder, tiny_overrides
+from vitlab.data.images import BadImageError
+from vitlab.train import NonFiniteLossError, evaluate, load_config, train
+from vitlab.train import engine
+from vitlab.train.engine import EMA, param_groups, train_step
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_folder(tmp_path / "data")
+
+
+def test_run_writes_all_outputs_and_learns(data, tmp_path):
+    cfg = load_config(None, tiny_overrides(epochs=5, lr=0.003, randaugment_n=0))
+    result = train(cfg, data, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "model.safetensors", "final.json"):
+        assert (run / name).is_file(), name
+    assert result["step"] == 30 and result["n"] == 12
+    assert result["top1"] > 60  # three colour classes; chance is 33%
+    model = vitlab.load(run / "model.safetensors")
+    assert model.labels == ["c0", "c1", "c2"]
+    again = evaluate(model, data / "val", precision="fp32")
+    assert again["top1"] == result["top1"] and again["loss"] == pytest.approx(result["loss"], rel=1e-5)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "split" not in r] == list(range(1, 31))
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.003
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, data, run)
+
+
+def test_weight_decay_only_on_matrices():
+    model = vitlab.create_model("ViT-Ti/16", num_classes=3, image_size=16, patch_size=4, width=32, depth=1,
+                                num_heads=2, mlp_dim=64)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.1)
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decayed == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                       "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "head.weight"}
+    with_emb = {names[id(p)] for p in param_groups(model, 0.1, decay_embeddings=True)[0]["params"]}
+    assert with_emb == decayed | {"pos_embed", "cls_token"}
+
+
+class _FixedLogits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x[:, :, 0, 0]  # the "image" holds its own logits
+
+
+def test_evaluate_by_hand():
+    logits = torch.tensor([[3.0, 2, 1, 0, 0, 0], [0, 3, 2, 1, 0, 0], [0, 1, 2, 3, 4, 5], [1, 0, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 2, 0, 3])
+    batches = [(logits[:2, :, None, None], labels[:2]), (logits[2:, :, None, None], labels[2:])]
+    r = evaluate(_FixedLogits(), batches, precision="fp32", device="cpu")
+    # top-1 hits: sample 0 (0) and 3 (0 vs label 3: miss) -> 1/4; top-5: sample 2's label 0 is its lowest -> 3/4.
+    assert r["top1"] == 25.0 and r["top5"] == 75.0
+    assert r["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item())
+    assert r["confusion"][0][0] == 1 and r["confusion"][0][5] == 1 and r["confusion"][3][0] == 1
+    assert r["per_class"] == {"0": 50.0, "2": 0.0, "3": 0.0}
+
+
+def test_ema_update_formula():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(ema.state[k], 0.9 * before[k] + 0.1 * v)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,))
+    results = []
+    for parts in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])], [(x[:2], y[:2]), (x[2:], y[2:])]):
+        torch.manual_seed(0)
+        model = vitlab.create_model("ViT-Ti/16", num_classes=3, image_size=16, patch_size=4, width=32, depth=1,
+                                    num_heads=2, mlp_dim=64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = load_config(None, ["precision=fp32", "grad_clip=null"])
+        train_step(model, opt, parts, config=cfg, device=torch.device("cpu"), step=0, rank=0, lr=0.1)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(results[0], results[1], atol=1e-6) and torch.allclose(results[0], results[2], atol=1e-6)
+
+
+def test_non_finite_loss_stops_naming_the_step(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = engine.loss_fn
+
+    def poisoned(logits, targets, smoothing):
+        calls["n"] += 1
+        loss = real(logits, targets, smoothing)
+        return loss * float("nan") if calls["n"] == 4 else loss  # the 4th step is step 3
+
+    monkeypatch.setattr(engine, "loss_fn", poisoned)
+    cfg = load_config(None, tiny_overrides(checkpoint_every=2))
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        train(cfg, data, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_fine_tune_new_classes_and_resolution(data, tmp_path):
+    source = vitlab.create_model("ViT-Ti/16", num_classes=7, image_size=8, patch_size=4, width=32, depth=2,
+                                 num_heads=2, mlp_dim=64)
+    vitlab.save(source, tmp_path / "pre.safetensors")
+    cfg = load_config("paper-finetune", ["init=" + str(tmp_path / "pre.safetensors"), "image_size=16", "steps=3",
+                                         "batch_size=8", "accum_steps=2", "precision=fp32", "threads=1",
+                                         "warmup_steps=1", "in_memory=true", "eval_every=0"])
+    result = train(cfg, data, tmp_path / "ft")
+    tuned = vitlab.load(tmp_path / "ft" / "model.safetensors")
+    assert tuned.config.num_classes == 3 and tuned.config.image_hw == (16, 16)
+    assert tuned.pos_embed.shape == (1, 1 + 16, 32)
+    assert result["step"] == 3
+    # The encoder started from the source weights (fine-tuned, not re-initialised): still close after 3 steps.
+    assert torch.allclose(tuned.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight, atol=0.05)
+    assert not torch.equal(tuned.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
+
+
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_bad_images_are_skipped_listed_or_stop_under_strict(data, tmp_path, in_memory):
+    bad = data / "train" / "c0" / "zz_zero.jpg"
+    bad.write_bytes(b"")
+    (data / "train" / "c1" / "zz_text.png").write_text("not an image")
+    cfg = load_config(None, tiny_overrides(epochs=1, in_memory=in_memory))
+    result = train(cfg, data, tmp_path / "run")
+    assert result["skipped_images"] == 2
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert str(bad) in log and "zz_text.png" in log
+    with pytest.raises(BadImageError, match="zz_"):
+        train(cfg.replace(strict=True), data, tmp_path / "strict")
+
+
+def test_resume_refuses_a_different_config(data, tmp_path):
+    cfg = load_config(None, tiny_overrides(epochs=1))
+    train(cfg, data, tmp_path / "run")
+    with pytest.raises(ValueError, match="lr"):
+        train(cfg.replace(lr=0.5), data, tmp_path / "run", resume=True)

@@ -1,0 +1,113 @@
+"""End-to-end in subprocesses: SIGTERM saves and exits, SIGKILL + --resume is bit-exact, 2 DDP processes equal 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.tiny import make_folder, tiny_overrides
+from vitlab.train import load_config, train
+
+
+def _cli(data: Path, out: Path, sets: list[str], *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "vitlab", "train", "--config", "demo", "--data", str(data), "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd + list(extra)
+
+
+def _last_step(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return json.loads(lines[-1])["step"] if lines else 0
+    except json.JSONDecodeError:  # a line being written
+        return 0
+
+
+def _start_and_signal(cmd: list[str], run: Path, at_step: int, sig: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while _last_step(run) < at_step:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before step {at_step}: {proc.stderr.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("run too slow to reach the signal step")
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+# Stochastic depth and dropout on, checkpoints every 7 steps, EMA on: everything a resume must restore.
+SETS = tiny_overrides(epochs=15, checkpoint_every=7, ema_decay=0.9, mixup=0.4, cutmix=1.0,
+                      **{"model_overrides.drop_path": 0.1, "model_overrides.dropout": 0.1})
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    data = make_folder(tmp_path / "data")
+    reference = train(load_config("demo", SETS), data, tmp_path / "ref")
+    assert reference["step"] == 90
+
+    run = tmp_path / "run"
+    term = _start_and_signal(_cli(data, run, SETS), run, at_step=20, sig=signal.SIGTERM)
+    assert term.returncode == 0, term.stderr.read()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert 20 <= state["step"] < 90 and state["step"] == _last_step(run)
+    assert not (run / "model.safetensors").exists()
+
+    killed = _start_and_signal(_cli(data, run, SETS, "--resume"), run, at_step=state["step"] + 20, sig=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    # The kill may land anywhere: the last good checkpoint is intact and loads.
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] % 7 == 0
+
+    done = subprocess.run(_cli(data, run, SETS, "--resume", "--json"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    resumed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert resumed["step"] == 90
+    a, b = _weights(tmp_path / "ref" / "model.safetensors"), _weights(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    assert resumed["top1"] == reference["top1"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "split" not in json.loads(line)]
+    assert steps == list(range(1, 91))  # the log was rewound to each checkpoint: no step twice
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one(tmp_path):
+    data = make_folder(tmp_path / "data")
+    # Stochastic depth off: its masks are drawn per process, so they cannot match a single process's.
+    sets = tiny_overrides(epochs=2, batch_size=8, mixup=0.4, cutmix=1.0, randaugment_n=2,
+                          **{"model_overrides.drop_path": 0.0})
+    single = train(load_config("demo", sets), data, tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitlab",
+           "train", "--config", "demo", "--data", str(data), "--out", str(tmp_path / "two"), "--json"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][0])
+    assert two["world_size"] == 2 and two["step"] == single["step"] == 12
+    a, b = _weights(tmp_path / "one" / "model.safetensors"), _weights(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+    assert two["top1"] == single["top1"]
