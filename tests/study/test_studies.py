@@ -101,22 +101,24 @@ def test_patch_size_sequence_and_flops(tiny_data, tmp_path) -> None:
 def test_budget_turns_minutes_into_steps(tiny_data, tmp_path, monkeypatch) -> None:
     seconds = {"ViT-Ti/16": 0.2, "ResNet-26": 0.1}
     monkeypatch.setattr(runner, "probe_step_seconds", lambda config, num_classes: seconds[config.model])
+    monkeypatch.setattr(runner, "probe_decode_seconds", lambda data_dir, image_size: 1e-3)
     base = studies.base_config(None, TINY_RECIPE)
     cells = [runner.Cell(key=f"{m}{i}", label={}, config=studies.cell_config(base, spec, 100), data_dir=tiny_data,
                          num_train=1000, num_test=200)
              for i in range(2) for m, spec in (("v", TINY_VIT), ("r", TINY_RESNET))]
     plan = runner.steps_for_budget(cells, budget_minutes=2.0, num_classes=3)
     per_step = 2 * (0.2 + 0.1) * runner.PIPELINE_FACTOR
-    fixed = 4 * 1200 * runner.DECODE_SECONDS_PER_IMAGE + 2 * 25 * (0.2 + 0.1) / 3  # ceil(200 / 8) eval batches
+    fixed = 4 * (1200 * 1e-3 + runner.CELL_OVERHEAD_SECONDS) + 2 * 25 * (0.2 + 0.1) / 3  # ceil(200 / 8) batches
     assert plan["steps"] == int((120.0 - fixed) / per_step)
     assert plan["estimated_minutes"] == pytest.approx((fixed + plan["steps"] * per_step) / 60, abs=0.01)
     assert runner.steps_for_budget(cells, budget_minutes=0.01, num_classes=3)["steps"] == runner.MIN_STEPS
 
 
-def test_probe_times_a_real_step() -> None:
+def test_probes_time_a_real_step_and_decoding(tiny_data) -> None:
     base = studies.base_config(None, TINY_RECIPE)
     t = runner.probe_step_seconds(studies.cell_config(base, TINY_VIT, 10), 3, steps=1)
     assert 0.0 < t < 30.0
+    assert 0.0 < runner.probe_decode_seconds(tiny_data, 16) < 1.0
 
 
 def test_model_specs_and_cli_errors(tiny_data, tmp_path, capsys) -> None:

@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 # Per-step cost of the real data pipeline (in-memory batches, crop, flip, RandAugment) and logging over the
 # synthetic probe step; measured on the 2-core development CPU with the small-scratch recipe (docs/study.md).
 PIPELINE_FACTOR = 1.25
-# Decoding one 32-px JPEG into memory, per image and per cell (train subset + test split), in seconds.
-DECODE_SECONDS_PER_IMAGE = 4e-4
+# Fallback cost of decoding one image into memory (train subset + test split, every cell), in seconds, when
+# it cannot be measured; measured, it was 0.3-0.8 ms for a 32-px JPEG on the 2-core machine depending on its load.
+DECODE_SECONDS_PER_IMAGE = 6e-4
+# Starting the run, writing checkpoints and the final weights, per cell.
+CELL_OVERHEAD_SECONDS = 3.0
 MIN_STEPS = 10
 
 
@@ -156,8 +159,29 @@ def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 3,
     return times[len(times) // 2]
 
 
+def probe_decode_seconds(data_dir: Path, image_size: int, max_images: int = 200) -> float:
+    """Seconds to decode one training image of ``data_dir`` into memory (as the engine does), from a sample."""
+    from vitlab.data.folder import scan, split_dirs
+    from vitlab.data.images import BadImageError, load_rgb
+
+    train_dir, _ = split_dirs(data_dir)
+    samples, _ = scan(train_dir)
+    sample = samples[:: max(1, len(samples) // max_images)][:max_images]
+    start = time.perf_counter()
+    for path, _ in sample:
+        try:
+            load_rgb(path, max_side=image_size).resize((image_size, image_size))
+        except BadImageError:
+            pass
+    return (time.perf_counter() - start) / max(1, len(sample))
+
+
 def steps_for_budget(cells: list[Cell], budget_minutes: float, num_classes: int) -> dict[str, Any]:
     """The common step count that makes all ``cells`` fit ``budget_minutes``, with the probe timings used."""
+    try:
+        decode = probe_decode_seconds(cells[0].data_dir, cells[0].config.image_size)
+    except (OSError, ValueError):
+        decode = DECODE_SECONDS_PER_IMAGE
     probes: dict[str, float] = {}
     for cell in cells:
         key = json.dumps([cell.config.model, cell.config.model_overrides, cell.config.batch_size], sort_keys=True)
@@ -171,7 +195,7 @@ def steps_for_budget(cells: list[Cell], budget_minutes: float, num_classes: int)
         t = probes[key] * PIPELINE_FACTOR
         per_step += t
         # Decoding the subset and the test split once, and evaluating the test split (a forward is ~1/3 of a step).
-        fixed += DECODE_SECONDS_PER_IMAGE * (cell.num_train + cell.num_test)
+        fixed += decode * (cell.num_train + cell.num_test) + CELL_OVERHEAD_SECONDS
         fixed += math.ceil(cell.num_test / cell.config.batch_size) * probes[key] / 3.0
     budget = budget_minutes * 60.0
     steps = int((budget - fixed) / per_step) if per_step > 0 else MIN_STEPS
@@ -180,6 +204,7 @@ def steps_for_budget(cells: list[Cell], budget_minutes: float, num_classes: int)
                     budget_minutes, steps, MIN_STEPS)
         steps = MIN_STEPS
     return {"steps": steps, "budget_minutes": budget_minutes, "probe_seconds_per_step": probes,
+            "probe_decode_seconds_per_image": decode,
             "estimated_minutes": round((fixed + steps * per_step) / 60.0, 2)}
 
 
