@@ -317,42 +317,46 @@ def load_npz(path: str | os.PathLike, model: str | ViTConfig | dict | None = Non
 # ------------------------------------------------------------------------------------------------ writing
 def vitlab_to_official(sd: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[str, np.ndarray]:
     """vitlab state dict -> vit_jax parameters (the layout the official code loads), float32 numpy arrays."""
+    return dict(iter_official(sd, config))
+
+
+def iter_official(sd: Mapping[str, torch.Tensor], config: ViTConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """The pairs of :func:`vitlab_to_official` one at a time, so a writer holds one converted array at once."""
     if config.pos_embed not in ("learned-1d", "none") or (config.pos_embed == "none" and config.classifier == "token"):
         raise ValueError(f"the official .npz layout has a learned 1D position embedding; pos_embed="
                          f"{config.pos_embed!r} cannot be written to it")
-    sd = {k: v.detach().to("cpu", torch.float32) for k, v in sd.items()}
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in sd.items()}  # no copy for CPU float32 weights
     D, H = config.width, config.num_heads
     hd = D // H
-    out: dict[str, np.ndarray] = {}
-    out["embedding/kernel"] = _conv_to_official(sd["patch_embed.proj.weight"])
-    out["embedding/bias"] = sd["patch_embed.proj.bias"].numpy()
+    dense = lambda t: np.ascontiguousarray(t.numpy().T)  # noqa: E731  torch (out, in) -> flax (in, out)
+    yield "embedding/kernel", _conv_to_official(sd["patch_embed.proj.weight"])
+    yield "embedding/bias", sd["patch_embed.proj.bias"].numpy()
     if "cls_token" in sd:
-        out["cls"] = sd["cls_token"].numpy()
+        yield "cls", sd["cls_token"].numpy()
     if "pos_embed" in sd:
-        out[POSEMB] = sd["pos_embed"].numpy()
+        yield POSEMB, sd["pos_embed"].numpy()
     for i in range(config.depth):
         b = f"blocks.{i}."
-        wq, wk, wv = sd[b + "attn.qkv.weight"].numpy().reshape(3, D, D)
+        weights = sd[b + "attn.qkv.weight"].reshape(3, D, D)  # q, k, v
         bias = sd.get(b + "attn.qkv.bias")
         # The official attention always has biases; zeros compute the same function as qkv_bias=False.
-        bq, bk, bv = (bias.numpy() if bias is not None else np.zeros(3 * D, np.float32)).reshape(3, D)
-        for n, w, bb in (("query", wq, bq), ("key", wk, bk), ("value", wv, bv)):
-            out[ATT.format(i) + f"{n}/kernel"] = np.ascontiguousarray(w.T.reshape(D, H, hd))
-            out[ATT.format(i) + f"{n}/bias"] = bb.reshape(H, hd)
-        out[ATT.format(i) + "out/kernel"] = np.ascontiguousarray(sd[b + "attn.proj.weight"].numpy().T.reshape(H, hd, D))
-        out[ATT.format(i) + "out/bias"] = sd[b + "attn.proj.bias"].numpy()
+        biases = (bias if bias is not None else torch.zeros(3 * D)).reshape(3, D)
+        for n, w, bb in zip(("query", "key", "value"), weights, biases):
+            yield ATT.format(i) + f"{n}/kernel", dense(w).reshape(D, H, hd)  # (D, heads, head_dim)
+            yield ATT.format(i) + f"{n}/bias", bb.numpy().reshape(H, hd)
+        yield ATT.format(i) + "out/kernel", dense(sd[b + "attn.proj.weight"]).reshape(H, hd, D)
+        yield ATT.format(i) + "out/bias", sd[b + "attn.proj.bias"].numpy()
         for ours, (theirs, kind) in BLOCK_TABLE.items():
-            a = sd[b + ours].numpy()
-            out[ENC.format(i) + theirs] = np.ascontiguousarray(a.T) if kind == "dense" else a
+            t = sd[b + ours]
+            yield ENC.format(i) + theirs, dense(t) if kind == "dense" else t.numpy()
     for ours, (theirs, kind) in TOP_TABLE.items():
         if ours in sd:
-            a = sd[ours].numpy()
-            out[theirs] = np.ascontiguousarray(a.T) if kind == "dense" else a
+            yield theirs, dense(sd[ours]) if kind == "dense" else sd[ours].numpy()
     if config.backbone is not None:
         gn = lambda t: t.numpy().reshape(1, 1, 1, -1)  # noqa: E731  (C,) -> (1,1,1,C), the published layout
-        out["conv_root/kernel"] = _conv_to_official(sd[BACKBONE + "stem.conv.weight"])
-        out["gn_root/scale"] = gn(sd[BACKBONE + "stem.norm.weight"])
-        out["gn_root/bias"] = gn(sd[BACKBONE + "stem.norm.bias"])
+        yield "conv_root/kernel", _conv_to_official(sd[BACKBONE + "stem.conv.weight"])
+        yield "gn_root/scale", gn(sd[BACKBONE + "stem.norm.weight"])
+        yield "gn_root/bias", gn(sd[BACKBONE + "stem.norm.bias"])
         pattern = re.compile(re.escape(BACKBONE) + r"stages\.(\d+)\.blocks\.(\d+)\.(\w+)\.(\w+)\.?(\w*)$")
         for key, t in sd.items():
             m = pattern.match(key)
@@ -361,14 +365,13 @@ def vitlab_to_official(sd: Mapping[str, torch.Tensor], config: ViTConfig) -> dic
             s, u, mod, sub, leaf = m.groups()
             src = f"block{int(s) + 1}/unit{int(u) + 1}/"
             if mod == "downsample":
-                mod, sub = (f"conv_proj" if sub == "conv" else "gn_proj"), leaf
+                mod, sub = ("conv_proj" if sub == "conv" else "gn_proj"), leaf
             else:
                 mod = mod.replace("norm", "gn")
             if mod.startswith("conv"):
-                out[src + f"{mod}/kernel"] = _conv_to_official(t)
+                yield src + f"{mod}/kernel", _conv_to_official(t)
             else:
-                out[src + f"{mod}/{'scale' if sub == 'weight' else 'bias'}"] = gn(t)
-    return out
+                yield src + f"{mod}/{'scale' if sub == 'weight' else 'bias'}", gn(t)
 
 
 def save_npz(model: VisionTransformer, path: str | os.PathLike) -> Path:
@@ -383,10 +386,13 @@ def save_npz(model: VisionTransformer, path: str | os.PathLike) -> Path:
     ):
         logger.warning("the official hybrid standardises with (std + 1e-5) and GroupNorm eps 1e-6; this model's "
                        "ResNet epsilons differ, so the official code will compute slightly different outputs")
-    arrays = vitlab_to_official(model.state_dict(), cfg)
+    arrays = iter_official(model.state_dict(), cfg)
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        # What np.savez writes (one stored "<key>.npy" per array), one array in memory at a time.
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, array in arrays:
+                with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
     return atomic_write(path, write)
