@@ -92,14 +92,16 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, strategy):
     data = make_folder(tmp_path / "data")
     # Stochastic depth off: its masks are drawn per process, so they cannot match a single process's.
     sets = tiny_overrides(epochs=2, batch_size=8, mixup=0.4, cutmix=1.0, randaugment_n=2,
                           **{"model_overrides.drop_path": 0.0})
     single = train(load_config("demo", sets), data, tmp_path / "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitlab",
-           "train", "--config", "demo", "--data", str(data), "--out", str(tmp_path / "two"), "--json"]
+           "train", "--config", "demo", "--data", str(data), "--out", str(tmp_path / "two"), "--json",
+           "--set", f"distributed={strategy}"]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
