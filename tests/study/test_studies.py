@@ -147,3 +147,11 @@ def test_cli_runs_a_study(tiny_data, tmp_path, capsys) -> None:
                  "--patch-sizes", "8", "--steps", "1", *sets]) == 0
     out = capsys.readouterr().out
     assert "| 8 | 4 |" in out and "1 steps per cell" in out
+
+
+def test_cli_defaults_are_the_published_models() -> None:
+    from vitlab.cli import study as cli_study
+
+    assert (cli_study.DEFAULT_VIT, cli_study.DEFAULT_RESNET) == (studies.DEFAULT_VIT, studies.DEFAULT_RESNET)
+    runner.parse_model_spec(studies.DEFAULT_VIT)
+    runner.parse_model_spec(studies.DEFAULT_RESNET)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The three studies published in docs/study.md, as run on the 2-core development CPU (about 25 minutes in all).
+# Usage (from the repository root):  bash results/study/run_all.sh [DATA_DIR]
+# Rerunning resumes: finished cells are kept, an interrupted cell continues from its checkpoint.
+set -euo pipefail
+DATA=${1:-../shared/datasets/cifar10}
+VITLAB=${VITLAB:-.venv/bin/vitlab}
+VIT="ViT-Ti/16:patch_size=4:width=128:num_heads=2:depth=4:mlp_dim=256:classifier=gap"
+RESNET="ResNet-26:width_factor=0.5:num_groups=16"
+COMMON=(--set threads=2)
+$VITLAB study data-size --data "$DATA" --out results/study/data-size --fractions 0.05,0.2,1.0 \
+    --models "$VIT,$RESNET" --budget-minutes 9 "${COMMON[@]}"
+$VITLAB study patch-size --data "$DATA" --out results/study/patch-size --model "$VIT" --patch-sizes 8,4,2 \
+    --budget-minutes 6.5 "${COMMON[@]}"
+$VITLAB study pos-embed --data "$DATA" --out results/study/pos-embed --model "$VIT" \
+    --kinds none,learned-1d,learned-2d,sincos-2d --budget-minutes 6.5 "${COMMON[@]}"
