@@ -98,15 +98,11 @@ def test_corrupt_image_is_named(tmp_path: Path, checkpoint: tuple[Path, torch.nn
         list_images(tmp_path / "missing")
 
 
-def test_other_resolution_resamples_position_embedding(checkpoint: tuple[Path, torch.nn.Module],
-                                                       tmp_path: Path) -> None:
+def test_other_resolution_resamples_position_embedding(checkpoint: tuple[Path, torch.nn.Module]) -> None:
     path, model = checkpoint
     resized = load_model(str(path), image_size=24)
     assert resized.config.image_hw == (24, 24) and resized.config.grid_size == (6, 6)
     torch.testing.assert_close(resized.pos_embed, resample_pos_embed(model.pos_embed.detach(), (6, 6), (4, 4)))
-    out = tmp_path / "out24"
-    assert main(["inspect", str(path), "--out", str(out), "--num-images", "2", "--image-size", "24"]) == 0
-    assert json.loads((out / "pos_embed.json").read_text())["grid"] == [6, 6]
 
 
 @pytest.mark.parametrize("args,match", [
@@ -151,11 +147,13 @@ def test_gap_model_defaults_to_centre_patch(tmp_path: Path) -> None:
 
 
 def test_subprocess_entry_point(checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    # the real command line, at another resolution than the checkpoint's (16 px -> 24 px: grid 4x4 -> 6x6)
     out = tmp_path / "sub"
     proc = subprocess.run([sys.executable, "-m", "vitlab", "inspect", str(checkpoint[0]), "--out", str(out),
-                           "--num-images", "2", "--threads", "1"], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+                           "--num-images", "2", "--threads", "1", "--image-size", "24"], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Spearman" in proc.stdout and (out / "summary.json").is_file()
+    assert json.loads((out / "pos_embed.json").read_text())["grid"] == [6, 6]
     with Image.open(out / "rollout.png") as img:
         img.verify()  # a complete, valid PNG
