@@ -148,3 +148,21 @@ def test_pre_logits_cannot_be_written_to_timm(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pre-logits"):
         vitlab.save(VisionTransformer(cfg), tmp_path / "w.safetensors", format="timm")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_hybrid_epsilons_are_timms_and_measurably_not_the_official_ones() -> None:
+    import dataclasses
+
+    ref = timm_hybrid()
+    with torch.no_grad():
+        stem = ref.patch_embed.backbone.stem.conv.weight
+        stem.mul_(1e-4 / stem.std())  # a kernel variance near the standardisation epsilon
+    model = vitlab.load(ref.state_dict(), format="timm", model={"num_heads": 2})
+    official = model.config.replace(backbone=dataclasses.replace(model.config.backbone, ws_eps=1e-5,
+                                                                 ws_eps_in_sqrt=False, gn_eps=1e-6))
+    other = vitlab.load(ref.state_dict(), format="timm", model=official)
+    x = 1e-3 * torch.randn(2, 3, 32, 32)  # small activations, so the GroupNorm epsilon matters too
+    with torch.no_grad():
+        expected = ref(x)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        assert (other(x) - expected).abs().max() > 1e-3

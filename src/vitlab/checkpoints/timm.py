@@ -162,17 +162,16 @@ def read_hub_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory / 'config.json'}: unreadable timm config ({e})") from None
 
 
-def _spec_from_hub_config(directory: Path, model: Any) -> Any:
+def _spec_from_hub_config(directory: Path, model: Any) -> tuple[Any, str | None]:
+    """(model spec, timm global_pool) from a timm hub directory's config.json."""
     config = read_hub_config(directory)
-    if model is not None:
-        return model
     if "architecture" not in config:
         raise CheckpointError(f"{directory / 'config.json'}: no 'architecture'; not a timm hub config")
     args = config.get("model_args") or {}
     pool = args.get("global_pool", config.get("global_pool"))
     if pool not in (None, "token", "avg", ""):
         raise CheckpointError(f"{directory}: timm global_pool={pool!r} is not the paper's token or GAP classifier")
-    return vitlab_name(config["architecture"])
+    return (model if model is not None else vitlab_name(config["architecture"])), pool
 
 
 def _weights_in(directory: Path) -> Path:
@@ -186,14 +185,21 @@ def _weights_in(directory: Path) -> Path:
 def load_timm(source: str | os.PathLike | Mapping[str, torch.Tensor], model: Any = None,
               source_name: str | None = None) -> VisionTransformer:
     """A timm state dict (file, hub directory, or mapping) as a vitlab model with timm's numerics."""
+    pool = None
     if isinstance(source, Mapping):
         sd, name = dict(source), source_name or "<state dict>"
     else:
         path = Path(source)
         if path.is_dir():
-            model = _spec_from_hub_config(path, model)
+            model, pool = _spec_from_hub_config(path, model)
             path = _weights_in(path)
         sd, name = read_weights(path), str(path)
+    # A state dict cannot say how timm pooled; a hub config can, and must agree with the paper's classifiers.
+    if pool == "avg" and "cls_token" in sd:
+        raise CheckpointError(f"{name}: timm averages the patch tokens of a model with a class token "
+                              f"(global_pool='avg'); the paper's GAP model has no class token")
+    if pool == "token" and "cls_token" not in sd:
+        raise CheckpointError(f"{name}: config says global_pool='token' but the weights have no cls_token")
     try:
         fields, unknown = derive_config(sd)
         check_supported(sd)
