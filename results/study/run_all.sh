@@ -14,3 +14,8 @@ $VITLAB study patch-size --data "$DATA" --out results/study/patch-size --model "
     --budget-minutes 6.5 "${COMMON[@]}"
 $VITLAB study pos-embed --data "$DATA" --out results/study/pos-embed --model "$VIT" \
     --kinds none,learned-1d,learned-2d,sincos-2d --budget-minutes 6.5 "${COMMON[@]}"
+# Few-shot linear evaluation (paper Sec. 4.1) of the ViT trained on all of train/ in the data-size study.
+$VITLAB fewshot "results/study/data-size/cells/ViT-Ti-16_patch_size4_width128_num_heads2_depth4_mlp_dim256_classifiergap__frac_1/model.safetensors" \
+    --data "$DATA" --shots 1,5,10,25 --draws 5 --l2 1,16,256 --threads 2 --out results/study/fewshot.json
+$VITLAB fewshot "results/study/data-size/cells/ResNet-26_width_factor0.5_num_groups16__frac_1/model.safetensors" \
+    --data "$DATA" --shots 1,5,10,25 --draws 5 --l2 1,16,256 --threads 2 --out results/study/fewshot_resnet.json

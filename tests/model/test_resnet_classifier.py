@@ -27,7 +27,8 @@ def test_parameter_count_equals_torchvision(name: str, tv_name: str) -> None:
     assert count_parameters(name) == sum(p.numel() for p in reference.parameters())
 
 
-@pytest.mark.parametrize("name,timm_name", [("ResNet-50x3", "resnetv2_50x3_bit"), ("ResNet-152x2", "resnetv2_152x2_bit")])
+@pytest.mark.parametrize("name,timm_name", [("ResNet-50x3", "resnetv2_50x3_bit"),
+                                            ("ResNet-152x2", "resnetv2_152x2_bit")])
 def test_width_multiplier_convolutions_equal_timm_bit(name: str, timm_name: str) -> None:
     """BiT's xN widens every layer, root included: the convolution kernels equal timm's BiT ResNet-v2 (which only
     places its norms differently, pre-activation, and has a 1x1-conv head)."""
@@ -35,7 +36,9 @@ def test_width_multiplier_convolutions_equal_timm_bit(name: str, timm_name: str)
     with torch.device("meta"):
         ours = create_model(name)
         theirs = timm.create_model(timm_name, pretrained=False)
-    kernels = lambda m: [p.shape for n, p in m.named_parameters() if p.ndim == 4 and not n.startswith("head")]  # noqa: E731
+    def kernels(m: torch.nn.Module) -> list[torch.Size]:
+        return [p.shape for n, p in m.named_parameters() if p.ndim == 4 and not n.startswith("head")]
+
     assert kernels(ours) == kernels(theirs)
     assert ours.head.weight.shape == theirs.head.fc.weight.shape[:2]
 

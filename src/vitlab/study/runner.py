@@ -37,8 +37,8 @@ PIPELINE_FACTOR = 1.25
 # Fallback cost of decoding one image into memory (train subset + test split, every cell), in seconds, when
 # it cannot be measured; measured, it was 0.3-0.8 ms for a 32-px JPEG on the 2-core machine depending on its load.
 DECODE_SECONDS_PER_IMAGE = 6e-4
-# Starting the run, writing checkpoints and the final weights, per cell.
-CELL_OVERHEAD_SECONDS = 3.0
+# Starting the run, the first (slower) step, writing checkpoints and the final weights, per cell.
+CELL_OVERHEAD_SECONDS = 5.0
 MIN_STEPS = 10
 
 

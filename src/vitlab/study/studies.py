@@ -111,7 +111,8 @@ def data_size(data_dir: str | Path, out_dir: str | Path, *, models: list[str], f
         parse_model_spec(spec)
     _, num_test, num_classes = _count(data_dir)
     request = {"study": "data-size", "data": str(data_dir), "models": models, "fractions": fractions,
-               "steps": steps, "budget_minutes": budget_minutes, "recipe": recipe_request(base), "subset_seed": subset_seed}
+               "steps": steps, "budget_minutes": budget_minutes, "recipe": recipe_request(base),
+               "subset_seed": subset_seed}
     out_dir.mkdir(parents=True, exist_ok=True)
     subsets = materialise_subsets(data_dir, fractions, out_dir / "subsets", seed=subset_seed)
 
@@ -153,8 +154,8 @@ def patch_size(data_dir: str | Path, out_dir: str | Path, *, model: str, patch_s
                                **{**overrides, "patch_size": p})
         if not isinstance(cfg, ViTConfig):
             raise ValueError(f"the patch-size study needs a ViT, got {model!r}")
-        info[p] = {"patch_size": p, "sequence_length": cfg.num_patches, "tokens": cfg.num_patches + cfg.num_prefix_tokens,
-                   "gflops_per_image": _gflops(cfg)}
+        info[p] = {"patch_size": p, "sequence_length": cfg.num_patches,
+                   "tokens": cfg.num_patches + cfg.num_prefix_tokens, "gflops_per_image": _gflops(cfg)}
     request = {"study": "patch-size", "data": str(data_dir), "model": model, "patch_sizes": patch_sizes,
                "steps": steps, "budget_minutes": budget_minutes, "recipe": recipe_request(base)}
 
