@@ -91,7 +91,8 @@ def main() -> None:
         "model": "ViT-B/16", "parameters": n_params, "weights_bytes": weights_bytes, "dtype": "float32",
         "device": "cpu", "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-        "round_trip_bit_exact": exact, "conversions": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "round_trip_bit_exact": exact, "conversions": rows,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

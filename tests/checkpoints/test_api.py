@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vitlab
-from tests.checkpoints.test_native import TINY, randomize
+from tests.checkpoints.test_native import TINY
 from tests.conftest import FIXTURES, REPO, require
 from vitlab.checkpoints import CheckpointError, detect_format
 from vitlab.cli import main

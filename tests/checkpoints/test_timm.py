@@ -102,7 +102,8 @@ def test_in_memory_state_dict_and_named_model() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
     # A name fixes the architecture; the tiny weights do not fit ViT-B/16, and the error lists how.
-    with pytest.raises(CheckpointError, match=r"(?s)missing keys \(120\).*patch_embed\.proj\.weight: checkpoint \(32, 3, 4, 4\) vs model \(768, 3, 16, 16\)"):
+    expected = r"(?s)missing keys \(120\).*patch_embed\.proj\.weight: checkpoint \(32, 3, 4, 4\) vs model \(768, 3, 16, 16\)"
+    with pytest.raises(CheckpointError, match=expected):
         vitlab.load(ref.state_dict(), format="timm", model="ViT-B/16")
 
 

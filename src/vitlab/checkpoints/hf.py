@@ -101,7 +101,8 @@ def config_from_hf(hf: dict[str, Any], sd: Mapping[str, torch.Tensor], source: s
     id2label = hf.get("id2label")
     num_classes = sd["classifier.weight"].shape[0] if has_head else 0
     if has_head and isinstance(id2label, dict) and len(id2label) == num_classes:
-        labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(num_classes)]  # type: ignore[call-overload]
+        # JSON keys are strings; a dict built in Python may use ints.
+        labels = [str(id2label[str(i)] if str(i) in id2label else id2label.get(i, i)) for i in range(num_classes)]
     image = hf.get("image_size", 224)
     patch = hf.get("patch_size", 16)
     derived = dict(

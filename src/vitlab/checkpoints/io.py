@@ -152,4 +152,5 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return read_safetensors(path)
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         return read_torch_weights(path)
-    raise CheckpointError(f"{path}: unknown weights extension {path.suffix!r}; expected .safetensors, .pth, .pt or .bin")
+    raise CheckpointError(f"{path}: unknown weights extension {path.suffix!r}; expected .safetensors, .pth, .pt "
+                          f"or .bin")

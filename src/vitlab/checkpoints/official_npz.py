@@ -127,7 +127,8 @@ class OfficialParams(Mapping[str, np.ndarray]):
                 read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                 shape = read_header(f)[0]  # (shape, fortran_order, dtype)
         except (KeyError, zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-            raise CheckpointError(f"{self.path}: cannot read the header of {key!r} ({e}); the file is damaged") from None
+            raise CheckpointError(f"{self.path}: cannot read the header of {key!r} ({e}); the file is "
+                                  f"damaged") from None
         shape = tuple(shape[1:]) if layer is not None else tuple(shape)
         if name == POSEMB and self.big_vision and "cls" in self._src:
             shape = (shape[0], shape[1] + 1, *shape[2:])
@@ -241,7 +242,8 @@ def official_to_vitlab(p: Mapping[str, np.ndarray], config: ViTConfig) -> dict[s
             sd[f"blocks.{i}.attn.qkv.bias"] = _t(
                 np.concatenate([p[ATT.format(i) + f"{n}/bias"].reshape(-1) for n in ("query", "key", "value")])
             )
-        sd[f"blocks.{i}.attn.proj.weight"] = _t(p[ATT.format(i) + "out/kernel"].reshape(-1, D).T)  # (h, hd, D) -> (D, D)
+        out_kernel = p[ATT.format(i) + "out/kernel"].reshape(-1, D)  # (heads, hd, D) -> (D, D)
+        sd[f"blocks.{i}.attn.proj.weight"] = _t(out_kernel.T)
         sd[f"blocks.{i}.attn.proj.bias"] = _t(p[ATT.format(i) + "out/bias"])
         for ours, (theirs, kind) in BLOCK_TABLE.items():
             a = p[ENC.format(i) + theirs]
