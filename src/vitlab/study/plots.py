@@ -29,6 +29,20 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def short_label(spec: str) -> str:
+    """A legend label for a model spec: ``ViT (width 128, depth 4, patch 4)``, ``ResNet-26 (width x0.5)``."""
+    from vitlab.model import ViTConfig, config_from_name
+    from vitlab.study.runner import parse_model_spec
+
+    name, overrides = parse_model_spec(spec)
+    if not overrides:
+        return name
+    cfg = config_from_name(name, **overrides)
+    if isinstance(cfg, ViTConfig):
+        return f"ViT (width {cfg.width}, depth {cfg.depth}, patch {cfg.patch_hw[0]})"
+    return f"{name} (width x{cfg.backbone.width_factor:g})"
+
+
 def plot_data_size(results: list[dict[str, Any]], path: str | Path) -> Path:
     """Test accuracy against the number of training images (log axis), one line per model."""
     fig, ax = _figure(5.5, 3.8)
@@ -38,7 +52,7 @@ def plot_data_size(results: list[dict[str, Any]], path: str | Path) -> Path:
     for i, (model, points) in enumerate(models.items()):
         points.sort()
         style = "o-" if model.startswith("ViT") or "+ViT" in model else "s--"
-        ax.plot([n for n, _ in points], [a for _, a in points], style, label=model.split(":")[0], color=f"C{i}")
+        ax.plot([n for n, _ in points], [a for _, a in points], style, label=short_label(model), color=f"C{i}")
     ax.set_xscale("log")
     ax.set_xlabel("training images (nested class-balanced subsets)")
     ax.set_ylabel("test top-1 accuracy (%)")
@@ -75,7 +89,8 @@ def plot_patch_size(results: list[dict[str, Any]], path: str | Path) -> Path:
     right.set_ylabel("test top-1 accuracy (%)")
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("Same width and depth, smaller patches", fontsize=10)
+    base = short_label(rows[0]["label"]["model"]).split(", patch")[0].rstrip(")") + ")"
+    fig.suptitle(f"{base}: same width and depth, smaller patches", fontsize=10)
     return _save(fig, path)
 
 
@@ -94,6 +109,7 @@ def plot_pos_embed(results: list[dict[str, Any]], path: str | Path) -> Path:
         text = f"{r['top1']:.1f}%" + ("" if score is None else f"\nρ={score:+.2f}")
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8, textcoords="offset points", xytext=(0, 2))
-    ax.set_title("Position embeddings (ρ: Spearman of similarity vs grid distance)", fontsize=9)
+    ax.set_title(f"{short_label(results[0]['label']['model'])}\nρ: Spearman of embedding similarity vs grid distance",
+                 fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
