@@ -151,3 +151,16 @@ def test_weights_that_do_not_fit_the_config_list_the_keys(tmp_path: Path) -> Non
     msg = str(e.value)
     assert "x.safetensors" in msg and "head.bias" in msg and "extra.weight" in msg
     assert "norm.weight: checkpoint (7,) vs model (32,)" in msg
+
+
+def test_any_vitlab_model_with_a_config_travels_e_g_the_resnet_classifier(tmp_path: Path) -> None:
+    model = randomize(vitlab.create_model("ResNet-50", num_classes=3, image_size=32, width_factor=0.5, layers=(1, 1)))
+    vitlab.save(model, tmp_path / "r.safetensors", labels=["a", "b", "c"])
+    with safe_open(tmp_path / "r.safetensors", "pt") as f:
+        assert f.metadata()["model_class"] == "vitlab.model.resnet_classifier:ResNetClassifier"
+    loaded = vitlab.load(tmp_path / "r.safetensors")
+    assert type(loaded) is type(model) and loaded.config == model.config and loaded.labels == ["a", "b", "c"]
+    assert_same_weights(model, loaded)
+    tuned = vitlab.load(tmp_path / "r.safetensors", num_classes=5, image_size=64)
+    assert tuned.config.num_classes == 5 and tuned.config.image_hw == (64, 64) and tuned.labels is None
+    assert tuned.head.weight.shape == (5, model.config.width) and torch.count_nonzero(tuned.head.weight) == 0

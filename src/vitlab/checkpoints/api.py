@@ -118,18 +118,26 @@ def _load_path(source: str | os.PathLike, format: str | None, model: ModelSpec) 
 
 def adapt(model: nn.Module, *, image_size: int | tuple[int, int] | None = None, num_classes: int | None = None,
           drop_pre_logits: bool = False) -> nn.Module:
-    """Apply the explicit fine-tuning adaptations to a loaded model (see the module docstring)."""
+    """Apply the explicit fine-tuning adaptations to a loaded model (see the module docstring). Works for the
+    Vision Transformer and for any vitlab model with a ``config`` (``replace``, ``num_classes``, ``width``) and a
+    ``head``, e.g. the ResNet classifier."""
     if image_size is None and num_classes is None and not drop_pre_logits:
         return model
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"image_size / num_classes / drop_pre_logits apply to VisionTransformer models, "
-                         f"not {type(model).__name__}")
-    if image_size is not None and to_hw(image_size) != model.config.image_hw:
-        # The official resize: bilinear with aligned corners on the grid, class slot kept apart.
-        model.set_image_size(image_size)
-    cfg = model.config
-    new_head = drop_pre_logits and cfg.representation_size is not None
-    if drop_pre_logits and cfg.representation_size is not None:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "replace") or not hasattr(model, "head"):
+        raise ValueError(f"image_size / num_classes / drop_pre_logits need a vitlab model with a config and a "
+                         f"head, not {type(model).__name__}")
+    if image_size is not None and to_hw(image_size) != to_hw(cfg.image_size):
+        if isinstance(model, VisionTransformer):
+            # The official resize: bilinear with aligned corners on the grid, class slot kept apart.
+            model.set_image_size(image_size)
+        else:
+            # No position embedding (the ResNet classifier is fully convolutional): only the config changes.
+            model.config = cfg.replace(image_size=image_size)
+        cfg = model.config
+    representation = getattr(cfg, "representation_size", None)
+    new_head = drop_pre_logits and representation is not None
+    if new_head:
         model.pre_logits = None
         cfg = cfg.replace(representation_size=None)
     if num_classes is not None and num_classes != cfg.num_classes:
@@ -137,9 +145,9 @@ def adapt(model: nn.Module, *, image_size: int | tuple[int, int] | None = None, 
         new_head = True
     if new_head:
         ref = next(model.parameters())
-        head_in = cfg.representation_size or cfg.width
+        head_in = getattr(cfg, "representation_size", None) or cfg.width
         if cfg.num_classes > 0:
-            head = nn.Linear(head_in, cfg.num_classes, device=ref.device, dtype=ref.dtype)
+            head: nn.Module = nn.Linear(head_in, cfg.num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(head.weight)  # the paper's fine-tuning head: zero-initialised
             nn.init.zeros_(head.bias)
         else:
