@@ -84,7 +84,9 @@ def test_vitlab_npz_vitlab_round_trip_is_bit_exact(tmp_path: Path, overrides: di
 @pytest.mark.parametrize("prefix", ["params/", "opt/target/"])
 def test_nested_checkpoints(tmp_path: Path, prefix: str) -> None:
     src = np.load(params("vit_tiny_p4_32_gap"))
-    np.savez(tmp_path / "nested.npz", **{prefix + k: src[k] for k in src.files})
+    optimizer_state = {"opt/state/step": np.zeros(()), "opt/state/mu/head/kernel": src["head/kernel"]}
+    np.savez(tmp_path / "nested.npz", **{prefix + k: src[k] for k in src.files},
+             **(optimizer_state if prefix == "params/" else {}))
     fx = fixture("vit_tiny_p4_32_gap")
     model = vitlab.load(tmp_path / "nested.npz")
     np.testing.assert_allclose(logits(model, fx["inputs_nchw"]), fx["logits"], atol=1e-5, rtol=0)

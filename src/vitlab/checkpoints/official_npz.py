@@ -87,7 +87,9 @@ class OfficialParams(Mapping[str, np.ndarray]):
         self.path = Path(path)
         self._npz = _open_npz(self.path)
         raw = list(self._npz.files)
-        prefix = next((p for p in ("opt/target/", "params/") if raw and all(k.startswith(p) for k in raw)), "")
+        # Training checkpoints nest the parameters (and store optimizer state beside them): keep the parameters.
+        prefix = next((p for p in ("opt/target/", "params/") if any(k.startswith(p) for k in raw)), "")
+        raw = [k for k in raw if k.startswith(prefix)]
         self._src: dict[str, tuple[str, int | None]] = {}  # vit_jax key -> (file key, layer index if scanned)
         self.big_vision = any(k[len(prefix):] == "pos_embedding" or "MultiHeadDotProductAttention_0/" in k
                               or k[len(prefix):].startswith("Transformer/encoderblock/") for k in raw)
