@@ -103,10 +103,12 @@ def measure_flops(model: nn.Module, input_size: tuple[int, ...], **forward_kwarg
 
     The input is on the model's device (the meta device works and allocates nothing). CPU's fused attention
     kernel has no FLOP formula in torch, so attention runs through the math backend, whose batched matmuls are
-    counted like any other.
+    counted like any other; vitlab's fused oneDNN inference ops have none either and are switched off.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+
+    from vitlab.model.layers import fused_cpu_inference
 
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -115,7 +117,8 @@ def measure_flops(model: nn.Module, input_size: tuple[int, ...], **forward_kwarg
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad(), \
+                fused_cpu_inference(False):
             model(x, **forward_kwargs)
     finally:
         model.train(was_training)

@@ -3,11 +3,85 @@ GELU MLP, and the pre-norm residual block that combines them."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# ------------------------------------------------------------------------------------- fused CPU inference
+# Without autograd on CPU, the Dense layers run as oneDNN matmuls with the bias, the GELU (MLP) and the residual
+# addition (attention output and MLP output projections) fused into the matmul's epilogue: the same function,
+# but the activations are no longer re-read from memory by separate bias/GELU/add passes. This is what inductor's
+# freezing pass emits; doing it eagerly makes un-compiled vitlab inference faster (measured in docs/speed.md).
+# Training, autograd, torch.compile/export tracing and non-CPU devices take the plain PyTorch ops.
+_FUSED_ENABLED = True
+
+
+@contextlib.contextmanager
+def fused_cpu_inference(enabled: bool) -> Iterator[None]:
+    """Turn the fused oneDNN inference path on or off inside a ``with`` block (e.g. to count FLOPs with
+    ``FlopCounterMode``, which has no formula for the fused ops)."""
+    global _FUSED_ENABLED
+    old, _FUSED_ENABLED = _FUSED_ENABLED, enabled
+    try:
+        yield
+    finally:
+        _FUSED_ENABLED = old
+
+
+def _onednn_ops_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _onednn_ops_available()
+
+
+def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused path computes in for input ``x``, or None when the plain ops must run."""
+    if not (_FUSED_ENABLED and _ONEDNN) or torch.is_grad_enabled() or x.device.type != "cpu":
+        return None
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None  # let inductor / the exporter see ordinary ops
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        if dtype != torch.bfloat16:
+            return None
+    else:
+        dtype = x.dtype
+        if weight.dtype != dtype:
+            return None
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return dtype
+    return None
+
+
+def _fused_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, post: str = "none",
+                  algorithm: str = "") -> torch.Tensor:
+    """``post(linear(x))`` as one oneDNN call; ``post`` is "none" or "gelu" (``algorithm`` "none" = erf, "tanh")."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # M, K
+    w = linear.weight.to(dtype)
+    b = linear.bias.to(dtype) if linear.bias is not None else None
+    out = torch.ops.mkldnn._linear_pointwise(x2, w, b, post, [], algorithm)  # M, N
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _fused_linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``residual + linear(x)``, the addition fused into the matmul when the residual has the compute dtype
+    (outside autocast); under autocast the residual stream is fp32 and is added after, as autocast would."""
+    if residual.dtype != dtype:
+        return residual + _fused_linear(x, linear, dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # M, K
+    r2 = residual.reshape(-1, residual.shape[-1])  # M, N
+    out = torch.ops.mkldnn._linear_pointwise.binary(x2, r2, linear.weight, linear.bias, "add")
+    return out.reshape(*lead, out.shape[-1])
 
 
 class PatchEmbed(nn.Module):
@@ -56,6 +130,14 @@ class Attention(nn.Module):
         p = self.attention_dropout if self.training else 0.0
         return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=p))
 
+    def attend_fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fused-inference attention up to (not including) the output projection: (B, N, D) heads merged."""
+        B, N, D = x.shape
+        qkv = _fused_linear(x, self.qkv, dtype).reshape(B, N, 3, self.num_heads, self.head_dim)  # B, N, 3, H, hd
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
+        o = F.scaled_dot_product_attention(q, k, v)  # B, H, N, hd
+        return o.transpose(1, 2).reshape(B, N, D)  # B, N, D
+
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self._qkv(x)
         logits = (q * self.scale) @ k.transpose(-2, -1)  # B, H, N, N
@@ -78,6 +160,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    def hidden_fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """GELU(fc1(x)) as one fused oneDNN call (fused inference path)."""
+        return _fused_linear(x, self.fc1, dtype, "gelu", self.act.approximate)
 
 
 class DropPath(nn.Module):
@@ -112,6 +198,10 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = None if self.training else _fused_dtype(x, self.attn.qkv.weight)
+        if dtype is not None:
+            x = _fused_linear_add(self.attn.attend_fused(self.norm1(x), dtype), self.attn.proj, x, dtype)
+            return _fused_linear_add(self.mlp.hidden_fused(self.norm2(x), dtype), self.mlp.fc2, x, dtype)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -1,0 +1,108 @@
+"""The fused oneDNN inference path of the encoder blocks computes the same function as the plain PyTorch ops
+(and as timm), is taken only where it should be, and leaves training untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vitlab.bench.models import build_pair
+from vitlab.model import ViTConfig, VisionTransformer
+from vitlab.model.layers import fused_cpu_inference
+
+CONFIGS = {
+    "token-exact": ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5,
+                             gelu="exact"),
+    "gap-tanh": ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=48, num_classes=3,
+                          classifier="gap", gelu="tanh"),
+}
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten/mkldnn op that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _model(name: str) -> VisionTransformer:
+    model = VisionTransformer(CONFIGS[name]).eval()
+    with torch.no_grad():  # non-zero head and biases so every fused term matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _run(model: VisionTransformer, x: torch.Tensor, fused: bool, autocast: bool = False) -> tuple[torch.Tensor, set]:
+    with torch.no_grad(), fused_cpu_inference(fused), OpNames() as ops, \
+            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = model(x)
+    return out.float(), ops.names
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fp32_fused_equals_plain(name: str) -> None:
+    model = _model(name)
+    x = torch.randn(3, 3, 16, 16)
+    fused, ops = _run(model, x, True)
+    plain, plain_ops = _run(model, x, False)
+    assert "mkldnn._linear_pointwise" in ops and "aten.gelu" not in ops
+    assert "mkldnn._linear_pointwise" not in plain_ops
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_weights_and_autocast_fused_match_fp32_within_bf16_tolerance(name: str) -> None:
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 support")
+    model = _model(name)
+    x = torch.randn(3, 3, 16, 16)
+    reference, _ = _run(model, x, False)
+    auto_fused, ops = _run(model, x, True, autocast=True)
+    auto_plain, _ = _run(model, x, False, autocast=True)
+    assert "mkldnn._linear_pointwise" in ops
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    w_fused, _ = _run(half, x.bfloat16(), True)
+    w_plain, _ = _run(half, x.bfloat16(), False)
+    scale = reference.abs().max()
+    for got, plain in ((auto_fused, auto_plain), (w_fused, w_plain)):
+        # bf16 keeps 8 mantissa bits: both paths are within a few bf16 steps of fp32 and of each other.
+        assert (got - reference).abs().max() <= 0.05 * scale
+        assert (got - plain).abs().max() <= 0.05 * scale
+
+
+def test_fused_vitlab_matches_timm() -> None:
+    config = CONFIGS["token-exact"]
+    ours, theirs = build_pair(config)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_training_and_grad_take_the_plain_path() -> None:
+    model = _model("token-exact")
+    x = torch.randn(2, 3, 16, 16)
+    with OpNames() as ops:
+        out = model(x)  # grad enabled
+    assert "mkldnn._linear_pointwise" not in ops.names
+    out.sum().backward()
+    assert model.blocks[0].mlp.fc1.weight.grad is not None
+    model.train()
+    with torch.no_grad(), OpNames() as ops:
+        model(x)
+    assert "mkldnn._linear_pointwise" not in ops.names
+
+
+def test_intermediates_still_match_forward() -> None:
+    model = _model("gap-tanh")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.intermediates(x)["logits"], model(x), atol=1e-5, rtol=1e-5)
