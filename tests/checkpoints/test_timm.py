@@ -167,3 +167,12 @@ def test_hybrid_epsilons_are_timms_and_measurably_not_the_official_ones() -> Non
         expected = ref(x)
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
         assert (other(x) - expected).abs().max() > 1e-3
+
+
+def test_legacy_torch_format_is_read_weights_only(tmp_path: Path) -> None:
+    ref = timm_vit(img_size=16, patch_size=4)
+    torch.save(ref.state_dict(), tmp_path / "old.pth", _use_new_zipfile_serialization=False)  # no mmap possible
+    model = vitlab.load(tmp_path / "old.pth", format="timm", model={"num_heads": 2})
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)

@@ -130,7 +130,13 @@ def read_torch_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = _require_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            # Memory-mapped: the tensors are read from the page cache as they are used, not copied up front.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) torch format
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot read as a weights-only torch file ({first}); vitlab never runs "
