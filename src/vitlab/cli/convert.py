@@ -16,8 +16,18 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model
     if args.model_json:
-        model = json.loads(args.model_json)
+        try:
+            model = json.loads(args.model_json)
+        except json.JSONDecodeError as e:
+            print(f"vitlab convert: error: --model-json is not valid JSON ({e})", file=sys.stderr)
+            return 2
+        if not isinstance(model, dict):
+            print("vitlab convert: error: --model-json must be a JSON object of config fields", file=sys.stderr)
+            return 2
     image_size = None
+    if args.image_size and len(args.image_size) > 2:
+        print(f"vitlab convert: error: --image-size takes N or H W, got {args.image_size}", file=sys.stderr)
+        return 2
     if args.image_size:
         image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     try:
@@ -43,10 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="from_format", choices=FORMATS, default=None,
                    help="source format (default: from the file itself: .npz, vitlab metadata, config.json)")
     p.add_argument("--to", dest="to_format", choices=FORMATS, default="vitlab", help="destination format")
-    p.add_argument("--model", default=None,
-                   help="architecture where the shapes cannot tell it, e.g. ViT-B/16 (needed for bare timm files)")
-    p.add_argument("--model-json", default=None,
-                   help='config fields on top of the shapes, as JSON, e.g. \'{"num_heads": 12}\'')
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--model", default=None,
+                      help="architecture where the shapes cannot tell it, e.g. ViT-B/16 (needed for bare timm files)")
+    spec.add_argument("--model-json", default=None,
+                      help='config fields on top of the shapes, as JSON, e.g. \'{"num_heads": 12}\'')
     p.add_argument("--image-size", type=int, nargs="+", metavar="N",
                    help="resize the position embedding to this input size (N or H W), as the official code")
     p.add_argument("--num-classes", type=int, default=None, help="replace the head by a zero-initialised one")
