@@ -91,6 +91,7 @@ class OfficialParams(Mapping[str, np.ndarray]):
         prefix = next((p for p in ("opt/target/", "params/") if any(k.startswith(p) for k in raw)), "")
         raw = [k for k in raw if k.startswith(prefix)]
         self._src: dict[str, tuple[str, int | None]] = {}  # vit_jax key -> (file key, layer index if scanned)
+        self._stacked: dict[str, np.ndarray] = {}
         self.big_vision = any(k[len(prefix):] == "pos_embedding" or "MultiHeadDotProductAttention_0/" in k
                               or k[len(prefix):].startswith("Transformer/encoderblock/") for k in raw)
         for key in raw:
@@ -99,7 +100,7 @@ class OfficialParams(Mapping[str, np.ndarray]):
                 for old, new in _BIG_VISION_RENAMES:
                     name = name.replace(old, new)
                 if name.startswith("Transformer/encoderblock/"):
-                    depth = self._npz[key].shape[0]  # scanned layers: a leading depth axis
+                    depth = self._header_shape(key)[0]  # scanned layers: a leading depth axis
                     for i in range(depth):
                         self._src[name.replace("encoderblock/", f"encoderblock_{i}/")] = (key, i)
                     continue
@@ -107,31 +108,43 @@ class OfficialParams(Mapping[str, np.ndarray]):
                     name = POSEMB
             self._src[name] = (key, None)
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        key, layer = self._src[name]
+    def _read(self, key: str) -> np.ndarray:
         try:
             arr = self._npz[key]
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise CheckpointError(f"{self.path}: cannot read array {key!r} ({e}); the file is damaged") from None
-        report_read(arr.nbytes if layer is None else arr.nbytes // max(arr.shape[0], 1))
-        arr = arr if layer is None else arr[layer]
+        report_read(arr.nbytes)
+        return arr
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        key, layer = self._src[name]
+        if layer is None:
+            arr = self._read(key)
+        else:
+            # Scanned encoders are read layer by layer: keep each stacked array once rather than re-read it.
+            if key not in self._stacked:
+                self._stacked[key] = self._read(key)
+            arr = self._stacked[key][layer]
         if name == POSEMB and self.big_vision and "cls" in self._src:
             # big_vision adds the class token after the position embedding: the class slot is zero.
             arr = np.concatenate([np.zeros_like(arr[:, :1]), arr], axis=1)
         return arr
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """An array's shape from its .npy header alone (config inference must not read whole kernels)."""
-        key, layer = self._src[name]
+    def _header_shape(self, key: str) -> tuple[int, ...]:
         try:
             with self._npz.zip.open(key + ".npy") as f:
                 major, _ = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape = read_header(f)[0]  # (shape, fortran_order, dtype)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                return tuple(read(f)[0])  # (shape, fortran_order, dtype)
         except (KeyError, zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise CheckpointError(f"{self.path}: cannot read the header of {key!r} ({e}); the file is "
                                   f"damaged") from None
-        shape = tuple(shape[1:]) if layer is not None else tuple(shape)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """An array's shape from its .npy header alone (config inference must not read whole kernels)."""
+        key, layer = self._src[name]
+        shape = self._header_shape(key)
+        shape = shape[1:] if layer is not None else shape
         if name == POSEMB and self.big_vision and "cls" in self._src:
             shape = (shape[0], shape[1] + 1, *shape[2:])
         return shape
@@ -146,6 +159,7 @@ class OfficialParams(Mapping[str, np.ndarray]):
         return len(self._src)
 
     def close(self) -> None:
+        self._stacked.clear()
         self._npz.close()
 
 
