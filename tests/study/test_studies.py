@@ -116,7 +116,7 @@ def test_budget_turns_minutes_into_steps(tiny_data, tmp_path, monkeypatch) -> No
 
 def test_probes_time_a_real_step_and_decoding(tiny_data) -> None:
     base = studies.base_config(None, TINY_RECIPE)
-    t = runner.probe_step_seconds(studies.cell_config(base, TINY_VIT, 10), 3, steps=1)
+    t = runner.probe_step_seconds(studies.cell_config(base, TINY_VIT, 10), 3, steps=1, warmup=1)
     assert 0.0 < t < 30.0
     assert 0.0 < runner.probe_decode_seconds(tiny_data, 16) < 1.0
 

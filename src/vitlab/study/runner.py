@@ -134,8 +134,10 @@ def recipe_request(config: TrainConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- budget
-def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 3, max_seconds: float = 20.0) -> float:
-    """Median seconds of one training step of ``config``'s model on a synthetic batch (one warm-up step first)."""
+def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 5, warmup: int = 2,
+                       max_seconds: float = 20.0) -> float:
+    """Median seconds of one training step of ``config``'s model on a synthetic batch, after ``warmup`` steps
+    (the first steps build kernels and caches and are several times slower)."""
     from vitlab.train.engine import build_model, build_optimizer, train_step
 
     torch.manual_seed(config.seed)
@@ -148,10 +150,10 @@ def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 3,
     device = torch.device("cpu")
     times: list[float] = []
     start = time.perf_counter()
-    for i in range(steps + 1):
+    for i in range(steps + warmup):
         t0 = time.perf_counter()
         train_step(model, optimizer, parts, config=config, device=device, step=i, rank=0, lr=config.lr * 1e-3)
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > max_seconds and times:
             break
