@@ -59,12 +59,14 @@ def test_timm_repo_from_the_cache(tmp_path: Path, cache: Path) -> None:
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({
         "architecture": "vit_tiny_patch16_224", "num_classes": 4, "global_pool": "token",
+        "label_names": ["n01", "n02", "n03", "n04"],
         "pretrained_cfg": {"tag": "test", "input_size": [3, 32, 32]},
     }))
     put_in_cache(cache, "timm/vit_tiny_patch16_224.test",
                  {n: tmp_path / n for n in ("config.json", "model.safetensors")})
     model = vitlab.load("hf-hub:timm/vit_tiny_patch16_224.test")
     assert model.config.num_heads == 3 and model.config.gelu == "exact" and model.config.image_hw == (32, 32)
+    assert model.labels == ["n01", "n02", "n03", "n04"]
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)

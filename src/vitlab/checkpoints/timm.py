@@ -175,7 +175,7 @@ def _spec_from_hub_config(directory: Path, model: Any) -> tuple[Any, str | None]
 
 
 def _weights_in(directory: Path) -> Path:
-    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+    for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).exists():
             return directory / name
     raise CheckpointError(f"{directory}: has config.json but no weights (expected model.safetensors or "
@@ -185,13 +185,14 @@ def _weights_in(directory: Path) -> Path:
 def load_timm(source: str | os.PathLike | Mapping[str, torch.Tensor], model: Any = None,
               source_name: str | None = None) -> VisionTransformer:
     """A timm state dict (file, hub directory, or mapping) as a vitlab model with timm's numerics."""
-    pool = None
+    pool, label_names = None, None
     if isinstance(source, Mapping):
         sd, name = dict(source), source_name or "<state dict>"
     else:
         path = Path(source)
         if path.is_dir():
             model, pool = _spec_from_hub_config(path, model)
+            label_names = read_hub_config(path).get("label_names")
             path = _weights_in(path)
         sd, name = read_weights(path), str(path)
     # A state dict cannot say how timm pooled; a hub config can, and must agree with the paper's classifiers.
@@ -207,7 +208,9 @@ def load_timm(source: str | os.PathLike | Mapping[str, torch.Tensor], model: Any
         raise CheckpointError(f"{name}: {e}") from None
     config = resolve_config(model, fields, unknown, NUMERICS, name, RESNET_NUMERICS)
     net = model_from_state_dict(config, timm_to_vitlab(sd, config), name)
-    net.labels = None
+    # timm hub configs may carry the class names (``label_names``).
+    ok = isinstance(label_names, list) and len(label_names) == config.num_classes
+    net.labels = [str(x) for x in label_names] if ok else None  # type: ignore[union-attr]
     return net
 
 
