@@ -105,6 +105,10 @@ def config_from_hf(hf: dict[str, Any], sd: Mapping[str, torch.Tensor], source: s
         labels = [str(id2label[str(i)] if str(i) in id2label else id2label.get(i, i)) for i in range(num_classes)]
     image = hf.get("image_size", 224)
     patch = hf.get("patch_size", 16)
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+               if k not in hf]
+    if missing:
+        raise CheckpointError(f"{source}: config.json lacks {missing}")
     derived = dict(
         image_size=tuple(image) if isinstance(image, list) else image,
         patch_size=tuple(patch) if isinstance(patch, list) else patch,
