@@ -77,8 +77,9 @@ def main() -> None:
         ]
         rows = []
         for src_format, src, dst_format, dst, spec in steps:
+            load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
             r = run_child(src, dst, src_format, dst_format, spec, args.threads)
-            r.update(src_format=src_format, dst_format=dst_format,
+            r.update(src_format=src_format, dst_format=dst_format, load_average_1min=load_before,
                      copies=(r["peak_rss"] - r["rss_after_imports"]) / weights_bytes)
             rows.append(r)
             print(f"{src_format:>6} -> {dst_format:<6} {r['seconds']:6.2f} s  peak RSS {r['peak_rss'] / 2**20:7.0f} MiB"
