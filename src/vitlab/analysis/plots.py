@@ -106,16 +106,17 @@ def plot_pos_embed_similarity(similarity: torch.Tensor, path: str | Path, spearm
         side.set_visible(False)
     title = "Position embedding similarity"
     if spearman is not None:
-        title += f" (Spearman vs. grid distance: {spearman:.3f})"
+        title += f"\nSpearman vs. grid distance: {spearman:.3f}"
     ax.set_title(title, fontsize=9)
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     cb.set_label("Cosine similarity", fontsize=8)
     return _save(fig, path)
 
 
-def plot_attention_distance(distance: torch.Tensor, path: str | Path, image_hw: tuple[int, int] | None = None,
+def plot_attention_distance(distance: torch.Tensor, path: str | Path, uniform: float | None = None,
                             title: str = "Mean attention distance") -> Path:
-    """Fig. 7 right: (depth, heads) mean attention distance in pixels, one point per head, against depth."""
+    """Fig. 7 right: (depth, heads) mean attention distance in pixels, one point per head, against depth;
+    ``uniform`` (the distance of a head attending equally everywhere) is drawn as a dashed line for scale."""
     depth, heads = distance.shape
     fig = _figure(4.2, 3.4)
     ax = fig.add_subplot(1, 1, 1)
@@ -131,9 +132,12 @@ def plot_attention_distance(distance: torch.Tensor, path: str | Path, image_hw: 
     ax.set_xlabel("Network depth (layer)")
     ax.set_ylabel("Mean attention distance (pixels)")
     ax.set_xticks(range(1, depth + 1))
-    if image_hw is not None:
-        ax.set_ylim(0, max(float(distance.max()) * 1.1, 1.0))
-    if heads <= 16:
+    top = float(distance.max())
+    if uniform is not None:
+        ax.axhline(uniform, color="grey", linestyle="--", linewidth=0.8, label="uniform attention")
+        top = max(top, uniform)
+    ax.set_ylim(0, max(top * 1.1, 1.0))
+    if heads <= 16 or uniform is not None:
         ax.legend(fontsize=5, ncol=2, loc="lower right", markerscale=0.8)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

@@ -160,7 +160,8 @@ def inspect_model(
     roll = torch.cat(rollouts)  # n, gh, gw
     qmaps = torch.cat(shown)  # num_query, L, gh, gw
 
-    plots.plot_attention_distance(dist, out / "attention_distance.png", cfg.image_hw,
+    uniform = _uniform_distance(grid, patch_hw)
+    plots.plot_attention_distance(dist, out / "attention_distance.png", uniform,
                                   title=f"Mean attention distance ({n} images, {cfg.image_hw[0]}x{cfg.image_hw[1]} px)")
     dist_json = {
         "images": n, "image_size": list(cfg.image_hw), "patch_size_px": list(patch_hw),
@@ -168,7 +169,7 @@ def inspect_model(
         "per_layer_mean": _rounded(dist.mean(dim=1), 3),
         "per_layer_min": _rounded(dist.amin(dim=1), 3),
         "per_layer_max": _rounded(dist.amax(dim=1), 3),
-        "uniform_attention_px": round(float(_uniform_distance(grid, patch_hw)), 3),
+        "uniform_attention_px": round(uniform, 3),
     }
     write_json(dist_json, out / "attention_distance.json")
     summary["attention_distance"] = dist_json
