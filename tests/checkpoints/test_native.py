@@ -164,3 +164,9 @@ def test_any_vitlab_model_with_a_config_travels_e_g_the_resnet_classifier(tmp_pa
     tuned = vitlab.load(tmp_path / "r.safetensors", num_classes=5, image_size=64)
     assert tuned.config.num_classes == 5 and tuned.config.image_hw == (64, 64) and tuned.labels is None
     assert tuned.head.weight.shape == (5, model.config.width) and torch.count_nonzero(tuned.head.weight) == 0
+
+
+def test_wrapped_models_are_saved_without_wrapper_prefixes(tmp_path: Path) -> None:
+    model = randomize(VisionTransformer(ViTConfig(**TINY)))
+    vitlab.save(torch.nn.DataParallel(model), tmp_path / "m.safetensors")
+    assert_same_weights(model, vitlab.load(tmp_path / "m.safetensors"))

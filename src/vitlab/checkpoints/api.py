@@ -160,6 +160,18 @@ def adapt(model: nn.Module, *, image_size: int | tuple[int, int] | None = None, 
     return model
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` / ``DistributedDataParallel`` / ``DataParallel`` wrappers, whose
+    state-dict keys carry a prefix (``_orig_mod.``, ``module.``) that no checkpoint should contain."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, format: Format = "vitlab",
          labels: list[str] | None = None) -> Path:
     """Write ``model`` in ``format``; ``labels`` default to ``model.labels``. Returns the written path (a file,
@@ -167,6 +179,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, format: Format = "vitlab"
     checkpoint is never left half-written."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    model = unwrap(model)
     if labels is None:
         labels = getattr(model, "labels", None)
     if format == "vitlab":
