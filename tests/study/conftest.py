@@ -10,7 +10,7 @@ from PIL import Image
 
 TINY_VIT = "ViT-Ti/16:patch_size=4:width=16:depth=1:num_heads=2:mlp_dim=32"
 TINY_RESNET = "ResNet-26:width_factor=0.25:num_groups=8"
-TINY_RECIPE = ["image_size=16", "batch_size=8", "threads=1", "randaugment_n=0", "precision=fp32"]
+TINY_RECIPE = ["image_size=16", "batch_size=8", "threads=1", "randaugment_n=0"]  # bf16 autocast, as the studies
 
 
 def make_folder(root: Path, train_per_class: int = 20, test_per_class: int = 6, classes: int = 3) -> Path:

@@ -155,3 +155,23 @@ def test_cli_defaults_are_the_published_models() -> None:
     assert (cli_study.DEFAULT_VIT, cli_study.DEFAULT_RESNET) == (studies.DEFAULT_VIT, studies.DEFAULT_RESNET)
     runner.parse_model_spec(studies.DEFAULT_VIT)
     runner.parse_model_spec(studies.DEFAULT_RESNET)
+
+
+@pytest.mark.parametrize("kind", studies.POS_EMBED_KINDS)
+def test_every_pos_embed_kind_evaluates_under_bf16_autocast(kind: str) -> None:
+    """The pos-embed study evaluates each kind in eval mode under the recipe's bf16 autocast; without a position
+    embedding the token stream stays bf16 (nothing fp32 is added to it), a case the other kinds never reach."""
+    import torch
+
+    from vitlab.model import create_model
+
+    model = create_model("ViT-Ti/16", num_classes=3, image_size=16, patch_size=4, width=32, depth=1, num_heads=2,
+                         mlp_dim=64, classifier="gap", pos_embed=kind).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model.head.weight.normal_()  # the zero-initialised head would make every output equal
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.shape == (2, 3)
+    torch.testing.assert_close(low.float(), reference, atol=0.1, rtol=0.1)
