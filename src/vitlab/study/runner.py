@@ -238,11 +238,12 @@ def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
         bar = tqdm(total=total, desc=study, unit="step", position=0, dynamic_ncols=True)
     results = []
     try:
-        for cell in cells:
+        for index, cell in enumerate(cells, 1):
+            where = f"[{index}/{len(cells)}] {cell.key}"  # overall progress in the log when there is no bar
             path = results_dir / f"{cell.key}.json"
             if path.is_file():
                 results.append(json.loads(path.read_text()))
-                log.info("%s: finished earlier, skipped", cell.key)
+                log.info("%s: finished earlier, skipped", where)
                 if bar is not None:
                     bar.update(cell.config.steps or 0)
                 continue
@@ -250,7 +251,7 @@ def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
                 bar.set_postfix_str(cell.key)
             run_dir = out_dir / "cells" / cell.key
             resume = (run_dir / "checkpoint.pt").is_file()
-            log.info("%s: %s %d steps on %s", cell.key, "resuming" if resume else "training", cell.config.steps,
+            log.info("%s: %s %d steps on %s", where, "resuming" if resume else "training", cell.config.steps,
                      cell.data_dir)
             start = time.perf_counter()
             result = train(cell.config, cell.data_dir, run_dir, resume=resume, progress=progress)
@@ -272,7 +273,7 @@ def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
                 record.update(after(cell, run_dir))
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
             results.append(record)
-            log.info("%s: top-1 %.2f%% in %.0f s", cell.key, record["top1"] or float("nan"), record["wall_seconds"])
+            log.info("%s: top-1 %.2f%% in %.0f s", where, record["top1"] or float("nan"), record["wall_seconds"])
             if bar is not None:
                 bar.update(cell.config.steps or 0)
     finally:
