@@ -140,6 +140,8 @@ def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 5,
     (the first steps build kernels and caches and are several times slower)."""
     from vitlab.train.engine import build_model, build_optimizer, train_step
 
+    if config.threads:
+        torch.set_num_threads(config.threads)  # as train() will
     torch.manual_seed(config.seed)
     model = build_model(config.replace(init=None), num_classes).train()
     optimizer = build_optimizer(model, config)
