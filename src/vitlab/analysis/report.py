@@ -120,23 +120,24 @@ def inspect_model(
     grid, patch_hw, prefix = cfg.grid_size, model_patch_hw(model), cfg.num_prefix_tokens
     summary: dict[str, Any] = {"model": cfg.to_dict(), "images": n, "skipped": {}, **(meta or {})}
     start = time.perf_counter()
+    written: list[str] = []  # this run's outputs (a reused --out may hold older files)
 
     # Weight analyses (no images needed).
     if cfg.backbone is None:
         pca = embedding_filters(model, k)
-        plots.plot_filters(pca.components, pca.explained_variance, out / "filters.png")
+        plots.plot_filters(pca.components, pca.explained_variance, _record(written, out / "filters.png"))
         filt = {"k": int(pca.components.shape[0]), "explained_variance": _rounded(pca.explained_variance, 6),
                 "cumulative": round(float(pca.explained_variance.sum()), 6)}
-        write_json(filt, out / "filters.json")
+        write_json(filt, _record(written, out / "filters.json"))
         summary["filters"] = filt
     else:
         summary["skipped"]["filters"] = "hybrid model: the patch embedding acts on ResNet features, not RGB pixels"
     if cfg.pos_embed != "none":
         sim = pos_embed_similarity(model)
         topo = pos_embed_topology(model, sim)
-        plots.plot_pos_embed_similarity(sim, out / "pos_embed.png", topo["spearman"])
+        plots.plot_pos_embed_similarity(sim, _record(written, out / "pos_embed.png"), topo["spearman"])
         pos = {"pos_embed": cfg.pos_embed, "grid": list(grid), **topo}
-        write_json(pos, out / "pos_embed.json")
+        write_json(pos, _record(written, out / "pos_embed.json"))
         summary["pos_embed"] = pos
     else:
         summary["skipped"]["pos_embed"] = "the model has no position embedding"
@@ -161,7 +162,7 @@ def inspect_model(
     qmaps = torch.cat(shown)  # num_query, L, gh, gw
 
     uniform = _uniform_distance(grid, patch_hw)
-    plots.plot_attention_distance(dist, out / "attention_distance.png", uniform,
+    plots.plot_attention_distance(dist, _record(written, out / "attention_distance.png"), uniform,
                                   title=f"Mean attention distance ({n} images, {cfg.image_hw[0]}x{cfg.image_hw[1]} px)")
     dist_json = {
         "images": n, "image_size": list(cfg.image_hw), "patch_size_px": list(patch_hw),
@@ -171,10 +172,10 @@ def inspect_model(
         "per_layer_max": _rounded(dist.amax(dim=1), 3),
         "uniform_attention_px": round(uniform, 3),
     }
-    write_json(dist_json, out / "attention_distance.json")
+    write_json(dist_json, _record(written, out / "attention_distance.json"))
     summary["attention_distance"] = dist_json
 
-    plots.plot_rollout(display[:num_show], roll[:num_show], out / "rollout.png", titles=names[:num_show])
+    plots.plot_rollout(display[:num_show], roll[:num_show], _record(written, out / "rollout.png"), titles=names[:num_show])
     flat = roll.flatten(1)
     peaks = flat.argmax(dim=1)
     roll_json = {
@@ -183,22 +184,27 @@ def inspect_model(
         "images": [{"file": names[i], "peak_patch": [int(peaks[i]) // grid[1], int(peaks[i]) % grid[1]],
                     "map": _rounded(roll[i])} for i in range(num_show)],
     }
-    write_json(roll_json, out / "rollout.json")
+    write_json(roll_json, _record(written, out / "rollout.json"))
     summary["rollout"] = {"row": roll_json["row"], "shown": num_show}
 
     head_label = "mean of heads" if head is None else f"head {head + 1}"
-    plots.plot_query_attention(display[:num_query], qmaps, layers, out / "query_attention.png", q_label, q_rc,
+    plots.plot_query_attention(display[:num_query], qmaps, layers, _record(written, out / "query_attention.png"), q_label, q_rc,
                                head_label, patch_hw)
     q_json = {"query": q_label, "query_token": q_index, "head": head_label, "layers": [i + 1 for i in layers],
               "images": [{"file": names[i], "maps": _rounded(qmaps[i], 4)} for i in range(num_query)]}
-    write_json(q_json, out / "query_attention.json")
+    write_json(q_json, _record(written, out / "query_attention.json"))
     summary["query_attention"] = {k_: q_json[k_] for k_ in ("query", "head", "layers")}
 
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    summary["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    summary["files"] = sorted(written)
     write_json(summary, out / "summary.json")
     log.info("inspect: wrote %d files to %s in %.1f s", len(summary["files"]) + 1, out, summary["seconds"])
     return summary
+
+
+def _record(written: list[str], path: Path) -> Path:
+    written.append(path.name)
+    return path
 
 
 def _uniform_distance(grid: tuple[int, int], patch_hw: tuple[int, int]) -> float:
