@@ -116,7 +116,10 @@ def inspect_model(
     q_index, q_rc, q_label = resolve_query(model, query)
     names = [f"image {i}" for i in range(n)] if names is None else list(names)
     num_show = min(num_show, n)
-    num_query = min(num_show, QUERY_ROWS)
+    # The shown images are spread over the set (like the selection of files), so a sorted ImageFolder does not
+    # fill the figures with its first class; the raw-attention figure takes every other one of those.
+    show = [i * n // num_show for i in range(num_show)]
+    query_rows = show[:: max(1, num_show // QUERY_ROWS)][:QUERY_ROWS]
     grid, patch_hw, prefix = cfg.grid_size, model_patch_hw(model), cfg.num_prefix_tokens
     summary: dict[str, Any] = {"model": cfg.to_dict(), "images": n, "skipped": {}, **(meta or {})}
     start = time.perf_counter()
@@ -151,15 +154,15 @@ def inspect_model(
             maps = model.attention_maps(x)  # depth x (b, H, T, T)
             distances.append(attention_distance(maps, grid, patch_hw, prefix))  # b, depth, H
             rollouts.append(rollout_maps(maps, grid, prefix))  # b, gh, gw
-            if lo < num_query:
-                qa = query_attention([maps[i] for i in layers], q_index, grid, prefix)  # b, L, H, gh, gw
-                qa = qa.mean(dim=2) if head is None else qa[:, :, head]
-                shown.append(qa[: num_query - lo])
+            sel = [i - lo for i in query_rows if lo <= i < lo + x.shape[0]]
+            if sel:
+                qa = query_attention([maps[i][sel] for i in layers], q_index, grid, prefix)  # s, L, H, gh, gw
+                shown.append(qa.mean(dim=2) if head is None else qa[:, :, head])
             bar.update(x.shape[0])
     dist_per_image = torch.cat(distances)  # n, depth, H
     dist = dist_per_image.mean(dim=0)  # depth, H
     roll = torch.cat(rollouts)  # n, gh, gw
-    qmaps = torch.cat(shown)  # num_query, L, gh, gw
+    qmaps = torch.cat(shown)  # len(query_rows), L, gh, gw
 
     uniform = _uniform_distance(grid, patch_hw)
     plots.plot_attention_distance(dist, _record(written, out / "attention_distance.png"), uniform,
@@ -175,23 +178,25 @@ def inspect_model(
     write_json(dist_json, _record(written, out / "attention_distance.json"))
     summary["attention_distance"] = dist_json
 
-    plots.plot_rollout(display[:num_show], roll[:num_show], _record(written, out / "rollout.png"), titles=names[:num_show])
-    flat = roll.flatten(1)
-    peaks = flat.argmax(dim=1)
+    predictions = _predictions(model, images[show])
+    titles = [names[i] if predictions is None else f"{names[i]}\npred: {predictions[j]}" for j, i in enumerate(show)]
+    plots.plot_rollout(display[show], roll[show], _record(written, out / "rollout.png"), titles=titles)
+    peaks = roll.flatten(1).argmax(dim=1)
     roll_json = {
         "row": "class token" if prefix else "mean over tokens (GAP)",
         "mean_map": _rounded(roll.mean(dim=0)),
         "images": [{"file": names[i], "peak_patch": [int(peaks[i]) // grid[1], int(peaks[i]) % grid[1]],
-                    "map": _rounded(roll[i])} for i in range(num_show)],
+                    **({} if predictions is None else {"prediction": predictions[j]}),
+                    "map": _rounded(roll[i])} for j, i in enumerate(show)],
     }
     write_json(roll_json, _record(written, out / "rollout.json"))
     summary["rollout"] = {"row": roll_json["row"], "shown": num_show}
 
     head_label = "mean of heads" if head is None else f"head {head + 1}"
-    plots.plot_query_attention(display[:num_query], qmaps, layers, _record(written, out / "query_attention.png"), q_label, q_rc,
-                               head_label, patch_hw)
+    plots.plot_query_attention(display[query_rows], qmaps, layers, _record(written, out / "query_attention.png"),
+                               q_label, q_rc, head_label, patch_hw)
     q_json = {"query": q_label, "query_token": q_index, "head": head_label, "layers": [i + 1 for i in layers],
-              "images": [{"file": names[i], "maps": _rounded(qmaps[i], 4)} for i in range(num_query)]}
+              "images": [{"file": names[i], "maps": _rounded(qmaps[j], 4)} for j, i in enumerate(query_rows)]}
     write_json(q_json, _record(written, out / "query_attention.json"))
     summary["query_attention"] = {k_: q_json[k_] for k_ in ("query", "head", "layers")}
 
@@ -200,6 +205,14 @@ def inspect_model(
     write_json(summary, out / "summary.json")
     log.info("inspect: wrote %d files to %s in %.1f s", len(summary["files"]) + 1, out, summary["seconds"])
     return summary
+
+
+def _predictions(model: nn.Module, images: torch.Tensor) -> list[str] | None:
+    """Predicted class names of the shown images, when the checkpoint carries its labels (``model.labels``)."""
+    labels = getattr(model, "labels", None)
+    if not labels or model.config.num_classes != len(labels):
+        return None
+    return [labels[int(i)] for i in model(images).argmax(dim=1)]
 
 
 def _record(written: list[str], path: Path) -> Path:
