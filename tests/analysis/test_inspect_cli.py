@@ -30,7 +30,7 @@ def checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     model = random_model(image_size=16, patch_size=4, depth=2, num_heads=2, num_classes=10)
     path = tmp_path / "run" / "model.safetensors"
     path.parent.mkdir()
-    vitlab.save(model, path)
+    vitlab.save(model, path, labels=[f"class{i}" for i in range(10)])
     return path, model
 
 
@@ -55,6 +55,8 @@ def test_cli_writes_figures_and_numbers(checkpoint: tuple[Path, torch.nn.Module]
     roll = json.loads((out / "rollout.json").read_text())
     torch.testing.assert_close(torch.tensor(roll["images"][0]["map"]), attention_rollout(model, x[:1])[0],
                                atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert roll["images"][0]["prediction"] == f"class{int(model(x[:1]).argmax())}"  # the checkpoint's labels
     pos = json.loads((out / "pos_embed.json").read_text())
     assert pos["spearman"] == pytest.approx(pos_embed_topology(model)["spearman"])
     query = json.loads((out / "query_attention.json").read_text())
