@@ -117,6 +117,7 @@ def test_bad_arguments_are_named(checkpoint: tuple[Path, torch.nn.Module], tmp_p
                                  match: str, capsys: pytest.CaptureFixture) -> None:
     rc = main(["inspect", str(checkpoint[0]), "--out", str(tmp_path / "o"), "--num-images", "1", *args])
     assert rc == 1 and match in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()  # nothing written for a bad argument
 
 
 def test_missing_checkpoint_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

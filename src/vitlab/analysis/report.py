@@ -98,7 +98,6 @@ def inspect_model(
 
     cfg = model.config
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model.eval()
     n = images.shape[0]
     if n == 0:
@@ -122,6 +121,7 @@ def inspect_model(
     query_rows = show[:: max(1, num_show // QUERY_ROWS)][:QUERY_ROWS]
     grid, patch_hw, prefix = cfg.grid_size, model_patch_hw(model), cfg.num_prefix_tokens
     summary: dict[str, Any] = {"model": cfg.to_dict(), "images": n, "skipped": {}, **(meta or {})}
+    out.mkdir(parents=True, exist_ok=True)  # only once the arguments are known to be valid
     start = time.perf_counter()
     written: list[str] = []  # this run's outputs (a reused --out may hold older files)
 
