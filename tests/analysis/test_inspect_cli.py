@@ -14,7 +14,7 @@ from PIL import Image
 
 import vitlab
 from tests.analysis.reference import random_model
-from tests.conftest import REPO
+from tests.conftest import FIXTURES, REPO, require
 from vitlab.analysis import attention_rollout, mean_attention_distance, pos_embed_topology
 from vitlab.analysis.images import input_normalization, list_images, read_images
 from vitlab.checkpoints.surgery import resample_pos_embed
@@ -160,3 +160,17 @@ def test_subprocess_entry_point(checkpoint: tuple[Path, torch.nn.Module], tmp_pa
     assert json.loads((out / "pos_embed.json").read_text())["grid"] == [6, 6]
     with Image.open(out / "rollout.png") as img:
         img.verify()  # a complete, valid PNG
+
+
+@pytest.mark.parametrize("name,has_filters", [("vit_tiny_p4_32", True), ("hybrid_r2x2w05_vit_tiny_32", False)])
+def test_official_npz_checkpoints(name: str, has_filters: bool, tmp_path: Path) -> None:
+    path = require(FIXTURES / f"{name}.params.npz")
+    out = tmp_path / name
+    assert main(["inspect", str(path), "--out", str(out), "--num-images", "2", "--k", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert ("filters.png" in summary["files"]) == has_filters
+    assert ("filters" in summary["skipped"]) == (not has_filters)
+    model = vitlab.load(path)
+    assert summary["pos_embed"]["spearman"] == pytest.approx(pos_embed_topology(model)["spearman"])
+    # hybrid: 8-px effective patches on a 4x4 grid; plain: 4-px patches on 8x8
+    assert summary["attention_distance"]["patch_size_px"] == ([4, 4] if has_filters else [8, 8])
