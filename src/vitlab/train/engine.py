@@ -409,6 +409,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    eager_model, compile_pending = train_model, config.compile
     if config.compile:
         train_model = torch.compile(train_model)
 
@@ -464,6 +465,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     loop_start = time.perf_counter() - resumed_elapsed
     finished = False
     start_step = step
+    rate_mark = (step, loop_start)
     last_loss, result_eval, gnorm = float("nan"), None, None
     interrupted = False
     try:
@@ -476,17 +478,32 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                     _record_bad(bad, bad_seen, run_dir, d, config.strict)
                 t0 = time.perf_counter()
                 data_time += t0 - t_data
-                if budget_s is not None and step - start_step >= 10:
+                if budget_s is not None and step - start_step == 10:
+                    rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
+                if budget_s is not None and step - start_step >= 20:
                     # Time-budget mode: re-estimate the schedule's length from the measured step rate.
-                    elapsed = time.perf_counter() - loop_start
-                    rate = (step - start_step) / max(elapsed - resumed_elapsed, 1e-9)
-                    total_steps = min(step_cap, max(step + 1, round(step + rate * (budget_s - elapsed))))
+                    now = time.perf_counter()
+                    rate = (step - rate_mark[0]) / max(now - rate_mark[1], 1e-9)
+                    total_steps = min(step_cap, max(step + 1, round(step + rate * (budget_s - (now - loop_start)))))
                 lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup, kind=config.schedule,
                            min_lr=config.min_lr)
                 parts = list(zip(x.split(micro // d.world), y.split(micro // d.world))) if len(y) else []
                 if parts:
-                    last_loss, gnorm = train_step(train_model, optimizer, parts, config=config, device=d.device,
-                                                  step=step, rank=d.rank, lr=lr)
+                    try:
+                        last_loss, gnorm = train_step(train_model, optimizer, parts, config=config, device=d.device,
+                                                      step=step, rank=d.rank, lr=lr)
+                    except NonFiniteLossError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - only the first compiled step may fall back
+                        if not compile_pending:
+                            raise
+                        # No C++ toolchain, an unsupported op...: train eagerly rather than not at all.
+                        log.warning("torch.compile failed (%s: %s); continuing without it", type(e).__name__, e)
+                        optimizer.zero_grad(set_to_none=True)
+                        train_model = eager_model
+                        last_loss, gnorm = train_step(train_model, optimizer, parts, config=config,
+                                                      device=d.device, step=step, rank=d.rank, lr=lr)
+                    compile_pending = False
                     if ema is not None:
                         ema.update(model)
                 step += 1
@@ -531,6 +548,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                               "train_loss": last_loss, "interrupted": interrupted,
                               "train_img_per_s": images_seen / max(train_time + data_time, 1e-9) if images_seen else None,
                               "data_wait_fraction": data_time / max(train_time + data_time, 1e-9) if images_seen else None,
+                              "loader_img_per_s": images_seen / data_time if data_time > 0 else None,
                               "train_seconds": train_time + data_time, "in_memory": data.in_memory,
                               "world_size": d.world, "skipped_images": len(bad_seen)}
     if interrupted:
