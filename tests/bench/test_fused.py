@@ -106,3 +106,49 @@ def test_intermediates_still_match_forward() -> None:
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model.intermediates(x)["logits"], model(x), atol=1e-5, rtol=1e-5)
+
+
+def _attention_grads(fn, base: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    qkv = base.clone().requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
+    out = fn(q, k, v)
+    out.backward(grad)
+    return out.detach(), qkv.grad
+
+
+def test_reduced_precision_attention_backward_is_the_softmax_attention_gradient() -> None:
+    from vitlab.model.layers import _ReducedPrecisionAttention
+
+    base = torch.randn(2, 7, 3, 2, 8, dtype=torch.float64)  # B, N, 3, H, hd
+    grad = torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    out, g = _attention_grads(_ReducedPrecisionAttention.apply, base, grad)
+    ref_out, ref_g = _attention_grads(torch.nn.functional.scaled_dot_product_attention, base, grad)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(g, ref_g)
+
+
+def test_reduced_precision_attention_bf16_error_is_that_of_the_fused_kernel() -> None:
+    from vitlab.model.layers import _ReducedPrecisionAttention
+
+    base = torch.randn(4, 64, 3, 3, 64)
+    grad = torch.randn(4, 3, 64, 64)
+    _, exact = _attention_grads(torch.nn.functional.scaled_dot_product_attention, base.bfloat16().double(),
+                                grad.bfloat16().double())
+    _, ours = _attention_grads(_ReducedPrecisionAttention.apply, base.bfloat16(), grad.bfloat16())
+    _, fused = _attention_grads(torch.nn.functional.scaled_dot_product_attention, base.bfloat16(), grad.bfloat16())
+    err_ours = (ours.double() - exact).abs().max()
+    err_fused = (fused.double() - exact).abs().max()
+    assert err_ours <= 2 * err_fused + 1e-3, (err_ours, err_fused)
+
+
+def test_bf16_training_uses_it_only_for_short_sequences() -> None:
+    model = VisionTransformer(CONFIGS["gap-tanh"]).train()
+    x = torch.randn(2, 3, 16, 16)
+    with OpNames() as ops, torch.autocast("cpu", torch.bfloat16):
+        model(x).sum().backward()
+    assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" not in ops.names
+    assert "aten.bmm" in ops.names or "aten.matmul" in ops.names or "aten.mm" in ops.names
+    long_seq = VisionTransformer(CONFIGS["gap-tanh"].replace(image_size=48)).train()  # 144 tokens > 128
+    with OpNames() as ops, torch.autocast("cpu", torch.bfloat16):
+        long_seq(torch.randn(1, 3, 48, 48)).sum().backward()
+    assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" in ops.names

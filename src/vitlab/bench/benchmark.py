@@ -243,7 +243,10 @@ def peak_memory(config: ViTConfig, lib: str, task: str, dtype: str, batch: int, 
     request = json.dumps({"config": config.to_dict(), "lib": lib, "task": task, "dtype": dtype, "batch": batch,
                           "threads": torch.get_num_threads()})
     proc = subprocess.run([sys.executable, "-m", "vitlab.bench.benchmark", request], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+                               # Every allocation above 64 KiB gets its own mapping, returned to the system when
+                               # freed: the resident set then follows live tensors instead of malloc's free lists.
+                               "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
     if proc.returncode:
         log.warning("memory measurement failed for %s %s: %s", lib, dtype, proc.stderr[-2000:])
         return None
