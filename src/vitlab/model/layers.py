@@ -75,7 +75,8 @@ def _fused_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, post: 
 def _fused_linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``residual + linear(x)``, the addition fused into the matmul when the residual has the compute dtype
     (outside autocast); under autocast the residual stream is fp32 and is added after, as autocast would."""
-    if residual.dtype != dtype:
+    if residual.dtype != dtype or linear.weight.dtype != dtype:
+        # Also under autocast without a position embedding: the stream stays bf16 but the weights are fp32.
         return residual + _fused_linear(x, linear, dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # M, K
