@@ -116,7 +116,7 @@ def train_call(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: str, d
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)  # forces completion on every device
+        return float(loss.detach())  # forces completion on every device
 
     return call
 
