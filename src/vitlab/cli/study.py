@@ -44,8 +44,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "unless --budget-minutes is given)")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="scale the steps so the whole study fits this many minutes on this machine")
-    p.add_argument("--config", default=None, help="training recipe: preset or config file (default: small-scratch "
-                   "with batch_size=64, randaugment_n=0, crop=pad)")
+    p.add_argument("--config", default=None, help="training recipe: preset or config file (default: the study recipe, "
+                   "vitlab.study.studies.STUDY_RECIPE)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     p.set_defaults(func=_with_default_steps)
 

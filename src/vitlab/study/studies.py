@@ -32,11 +32,16 @@ from vitlab.train.config import TrainConfig, load_config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RECIPE = "small-scratch"
-# Without --config, the small-scratch preset made lighter for short runs: a study cell trains for a few hundred
-# steps, where RandAugment and Inception crops slow learning more than they regularise; the CIFAR pad-and-crop
-# and flips remain. A batch of 64 gives twice the updates of 128 for the same images on a CPU.
-STUDY_SETS = ["batch_size=64", "randaugment_n=0", "crop=pad"]
+# The recipe of every cell without --config: a plain from-scratch recipe for CIFAR-sized images, written out
+# here (not taken from a preset) so a study's meaning does not change when a preset is retuned. A cell trains for a
+# few hundred steps, where RandAugment and Inception crops slow learning more than they regularise: the CIFAR
+# pad-and-crop and flips remain. A batch of 64 gives twice the updates of 128 for the same images; no
+# torch.compile, whose compilation per model would cost more than a short cell saves.
+STUDY_RECIPE: dict[str, Any] = {
+    "image_size": 32, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "schedule": "cosine",
+    "min_lr": 1e-5, "grad_clip": 1.0, "label_smoothing": 0.1, "crop": "pad", "crop_pad": 4, "hflip": True,
+    "randaugment_n": 0, "mixup": 0.0, "cutmix": 0.0, "precision": "bf16", "compile": False, "budget_minutes": None,
+}
 
 # The models of the published results (docs/study.md): a 4-layer, width-128 ViT with patch 4 (64 tokens at 32 px)
 # and a BiT ResNet-26 at half width; both train at a few hundred milliseconds per step of 64 on 2 CPU cores.
@@ -46,10 +51,11 @@ DEFAULT_RESNET = "ResNet-26:width_factor=0.5:num_groups=16"
 
 def base_config(recipe: str | None = None, sets: list[str] | None = None) -> TrainConfig:
     """The training recipe every cell starts from: a preset or config file plus ``--set`` overrides (without a
-    recipe: small-scratch with :data:`STUDY_SETS`); the study then sets the model, the steps and (unless given) a
-    5% warm-up, and evaluates only at the end."""
+    recipe: :data:`STUDY_RECIPE`); the study then sets the model, the steps and (unless given) a 5% warm-up,
+    evaluates only at the end and ignores a wall-clock ``budget_minutes`` (cells train for a number of steps)."""
     if recipe is None:
-        return load_config(DEFAULT_RECIPE, STUDY_SETS + list(sets or []))
+        study = [f"{key}={json.dumps(value)}" for key, value in STUDY_RECIPE.items()]  # JSON values are YAML
+        return load_config(None, study + list(sets or []))
     return load_config(recipe, list(sets or []))
 
 
@@ -57,7 +63,8 @@ def cell_config(base: TrainConfig, spec: str, steps: int, **model_changes: Any) 
     name, overrides = parse_model_spec(spec)
     overrides = {**overrides, **model_changes}
     warmup = base.warmup_steps if base.warmup_steps is not None else max(1, round(0.05 * steps))
-    return base.replace(model=name, model_overrides=overrides, steps=steps, warmup_steps=warmup, eval_every=0.0)
+    return base.replace(model=name, model_overrides=overrides, steps=steps, warmup_steps=warmup, eval_every=0.0,
+                        budget_minutes=None)
 
 
 def _count(data_dir: Path) -> tuple[int, int, int]:
