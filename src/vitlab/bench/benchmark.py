@@ -382,6 +382,20 @@ def run_benchmark(spec: BenchSpec) -> dict:
     end_peaks = {"fp32": matmul_peak(torch.float32, n=spec.peak_n, device=spec.device),
                  "bf16": matmul_peak(torch.bfloat16, n=spec.peak_n, device=spec.device)}
     result["peaks_flop_s"]["end"] = end_peaks
+    # MFU against the better of the two peak measurements: load that happened to hit one of them must not
+    # inflate utilisation.
+    best = {k: max(peaks[k], end_peaks[k]) for k in peaks}
+    result["peaks_flop_s"]["used"] = best
+    for r in rows:
+        if r["mode"] == "onnxruntime" or r["dtype"] == "fp32":
+            kind = "fp32"
+        else:
+            kind = "bf16"
+        factor = TRAIN_FLOP_FACTOR if r["task"] == "train" else 1
+        for lib in LIBS:
+            if f"{lib}_ms" in r:
+                r[f"{lib}_mfu"] = round(mfu(factor * r["flops_per_image"] * r["batch"], r[f"{lib}_ms"] / 1e3,
+                                            best[kind]), 4)
     result["machine"]["load_average_end"] = machine_info(spec.device)["load_average"]
     result["wall_s"] = round(time.time() - started, 1)
     return result
@@ -405,7 +419,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['model']:<10} {r['task']:<8} {r['dtype']:<14} {r['mode']:<11} {r['batch']:>5} "
                      f"{v:>8.2f}{unit[:2]:>2} {t:>8.2f}{unit[:2]:>2} {r.get('ratio', float('nan')):>6.2f} "
                      f"{100 * r['vitlab_mfu']:>5.1f}% {100 * r['timm_mfu']:>5.1f}%")
-    peaks = result["peaks_flop_s"]["start"]
+    peaks = result["peaks_flop_s"].get("used", result["peaks_flop_s"]["start"])
     lines.append(f"matmul peak {result['spec']['peak_n']}^3: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
                  f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; ratio = vitlab speed / timm speed (>1: vitlab faster)")
     mem = [r for r in result["rows"] if r.get("peak_memory_mb")]
