@@ -215,11 +215,14 @@ def steps_for_budget(cells: list[Cell], budget_minutes: float, num_classes: int)
 # --------------------------------------------------------------------------------------------------- run
 def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
               after: Callable[[Cell, Path], dict[str, Any]] | None = None,
+              on_result: Callable[[list[dict[str, Any]]], Any] | None = None,
               progress: bool | None = None) -> list[dict[str, Any]]:
     """Train every cell not finished yet (in order) and return all cells' results.
 
     ``after(cell, run_dir)`` adds study-specific numbers measured on the trained model (e.g. the position
-    embedding's topology). A cell interrupted by a signal stops the study; rerunning the same command continues it.
+    embedding's topology); ``on_result(results so far)`` runs after each newly finished cell, so the study's
+    summary is current even if it is stopped. A cell interrupted by a signal stops the study; rerunning the same
+    command continues it.
     """
     from vitlab.train import train
 
@@ -275,6 +278,8 @@ def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
                 record.update(after(cell, run_dir))
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
             results.append(record)
+            if on_result is not None:
+                on_result(list(results))
             log.info("%s: top-1 %.2f%% in %.0f s", where, record["top1"] or float("nan"), record["wall_seconds"])
             if bar is not None:
                 bar.update(cell.config.steps or 0)

@@ -133,14 +133,18 @@ def data_size(data_dir: str | Path, out_dir: str | Path, *, models: list[str], f
 
     plan = _plan(out_dir, request, cells_for, steps, budget_minutes, num_classes)
     plan["num_cells"] = len(fractions) * len(models)
-    results = run_cells(cells_for(plan["steps"]), out_dir, study="data-size", progress=progress)
-    rows = sorted(results, key=lambda r: (models.index(r["label"]["model"]), r["label"]["fraction"]))
-    table = ["| model | fraction | training images | epochs | test top-1 % |", "|---|---:|---:|---:|---:|"]
-    table += [f"| {r['label']['model']} | {r['label']['fraction']:g} | {r['num_train']} | {r['epochs']:.1f} | "
-              f"{r['top1']:.2f} |" for r in rows]
-    from vitlab.study.plots import plot_data_size
 
-    return _finish(out_dir, "data-size", plan, results, "\n".join(table) + "\n", plot_data_size)
+    def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+        from vitlab.study.plots import plot_data_size
+
+        rows = sorted(results, key=lambda r: (models.index(r["label"]["model"]), r["label"]["fraction"]))
+        table = ["| model | fraction | training images | epochs | test top-1 % |", "|---|---:|---:|---:|---:|"]
+        table += [f"| {r['label']['model']} | {r['label']['fraction']:g} | {r['num_train']} | {r['epochs']:.1f} | "
+                  f"{r['top1']:.2f} |" for r in rows]
+        return _finish(out_dir, "data-size", plan, results, "\n".join(table) + "\n", plot_data_size)
+
+    return summarise(run_cells(cells_for(plan["steps"]), out_dir, study="data-size", progress=progress,
+                               on_result=summarise))
 
 
 # --------------------------------------------------------------------------------------------- patch size
@@ -173,15 +177,19 @@ def patch_size(data_dir: str | Path, out_dir: str | Path, *, model: str, patch_s
 
     plan = _plan(out_dir, request, cells_for, steps, budget_minutes, num_classes)
     plan["num_cells"] = len(patch_sizes)
-    results = run_cells(cells_for(plan["steps"]), out_dir, study="patch-size", progress=progress)
-    table = ["| patch | sequence length | GFLOPs/image (forward) | test top-1 % | train img/s |",
-             "|---:|---:|---:|---:|---:|"]
-    table += [f"| {r['info']['patch_size']} | {r['info']['sequence_length']} | "
-              f"{_fmt(r['info']['gflops_per_image'], '.4g')} | {r['top1']:.2f} | {_fmt(r['train_img_per_s'], '.0f')} |"
-              for r in results]
-    from vitlab.study.plots import plot_patch_size
 
-    return _finish(out_dir, "patch-size", plan, results, "\n".join(table) + "\n", plot_patch_size)
+    def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+        from vitlab.study.plots import plot_patch_size
+
+        table = ["| patch | sequence length | GFLOPs/image (forward) | test top-1 % | train img/s |",
+                 "|---:|---:|---:|---:|---:|"]
+        table += [f"| {r['info']['patch_size']} | {r['info']['sequence_length']} | "
+                  f"{_fmt(r['info']['gflops_per_image'], '.4g')} | {r['top1']:.2f} | "
+                  f"{_fmt(r['train_img_per_s'], '.0f')} |" for r in results]
+        return _finish(out_dir, "patch-size", plan, results, "\n".join(table) + "\n", plot_patch_size)
+
+    return summarise(run_cells(cells_for(plan["steps"]), out_dir, study="patch-size", progress=progress,
+                               on_result=summarise))
 
 
 def _gflops(cfg: Any) -> float | None:
@@ -224,14 +232,18 @@ def pos_embed(data_dir: str | Path, out_dir: str | Path, *, model: str, kinds: l
 
     plan = _plan(out_dir, request, cells_for, steps, budget_minutes, num_classes)
     plan["num_cells"] = len(kinds)
-    results = run_cells(cells_for(plan["steps"]), out_dir, study="pos-embed", after=_topology, progress=progress)
-    table = ["| position embedding | test top-1 % | topology (Spearman) at init | after training |",
-             "|---|---:|---:|---:|"]
-    table += [f"| {r['label']['pos_embed']} | {r['top1']:.2f} | {_fmt(r['topology_init'], '+.3f')} | "
-              f"{_fmt(r['topology'], '+.3f')} |" for r in results]
-    from vitlab.study.plots import plot_pos_embed
 
-    return _finish(out_dir, "pos-embed", plan, results, "\n".join(table) + "\n", plot_pos_embed)
+    def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+        from vitlab.study.plots import plot_pos_embed
+
+        table = ["| position embedding | test top-1 % | topology (Spearman) at init | after training |",
+                 "|---|---:|---:|---:|"]
+        table += [f"| {r['label']['pos_embed']} | {r['top1']:.2f} | {_fmt(r['topology_init'], '+.3f')} | "
+                  f"{_fmt(r['topology'], '+.3f')} |" for r in results]
+        return _finish(out_dir, "pos-embed", plan, results, "\n".join(table) + "\n", plot_pos_embed)
+
+    return summarise(run_cells(cells_for(plan["steps"]), out_dir, study="pos-embed", after=_topology,
+                               progress=progress, on_result=summarise))
 
 
 def _topology(cell: Cell, run_dir: Path) -> dict[str, Any]:
