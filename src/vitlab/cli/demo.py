@@ -4,7 +4,6 @@ checkpoint, evaluate it on the sample's test images and print the accuracy (the 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 

@@ -10,7 +10,6 @@ the process that happens to run it.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -129,6 +128,3 @@ class FolderBatches:
                 x, y = self.mix(x, y, g)
             yield x, y, bad
 
-
-def describe_bad(bad: list[BadSample], root: str | Path | None = None) -> str:
-    return "\n".join(f"  {b.path}: {b.reason}" for b in bad)

@@ -183,7 +183,7 @@ def build_data(config: TrainConfig, data_dir: str | Path, d: Dist, progress: boo
             vdata = load_in_memory(val_dir, config.image_size, classes=classes, strict=config.strict,
                                    progress=progress)
             bad += vdata.bad
-            val = _memory_eval_batches(vdata, config.eval_batch_size, norm)
+            val = MemoryEvalBatches(vdata, config.eval_batch_size, norm)
     else:
         transform = train_transform(config.image_size, crop=config.crop, crop_scale=config.crop_scale,
                                     crop_pad=config.crop_pad, hflip=config.hflip,
@@ -200,7 +200,7 @@ def build_data(config: TrainConfig, data_dir: str | Path, d: Dist, progress: boo
     return RunData(train, val, classes, bad, in_memory)
 
 
-class _memory_eval_batches:
+class MemoryEvalBatches:
     """Re-iterable evaluation batches over an in-memory split."""
 
     def __init__(self, data: InMemoryImages, batch_size: int, normalize: str) -> None:
