@@ -154,3 +154,15 @@ def test_resume_refuses_a_different_config(data, tmp_path):
     train(cfg, data, tmp_path / "run")
     with pytest.raises(ValueError, match="lr"):
         train(cfg.replace(lr=0.5), data, tmp_path / "run", resume=True)
+
+
+def test_tensorboard_events_hold_the_logged_loss(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(None, tiny_overrides(epochs=1, tensorboard=True))
+    train(cfg, data, tmp_path / "run")
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logged if "split" not in r]
+    assert [round(e.value, 5) for e in acc.Scalars("train/loss")] == [round(v, 5) for v in losses]
