@@ -134,7 +134,9 @@ _SHORT_SEQUENCE = 128
 def _use_reduced_precision_attention(q: torch.Tensor, dropout: float) -> bool:
     return (dropout == 0.0 and q.requires_grad and torch.is_grad_enabled() and q.device.type == "cpu"
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= _SHORT_SEQUENCE
-            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()))
+            # torch.compile traces the Function too (compiled CIFAR bf16 training step 3.61 s vs 4.29 s with
+            # the fused kernel's backward); export keeps the standard op.
+            and not torch.compiler.is_exporting())
 
 
 class Attention(nn.Module):
