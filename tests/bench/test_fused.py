@@ -152,3 +152,16 @@ def test_bf16_training_uses_it_only_for_short_sequences() -> None:
     with OpNames() as ops, torch.autocast("cpu", torch.bfloat16):
         long_seq(torch.randn(1, 3, 48, 48)).sum().backward()
     assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" in ops.names
+
+
+def test_autocast_weight_copies_follow_weight_updates() -> None:
+    model = _model("token-exact")
+    x = torch.randn(2, 3, 16, 16)
+    first, _ = _run(model, x, True, autocast=True)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.mul_(2.0)  # in place: the cached bf16 copy must be refreshed
+        model.blocks[1].attn.qkv.bias.add_(0.5)
+    second, _ = _run(model, x, True, autocast=True)
+    plain, _ = _run(model, x, False, autocast=True)
+    assert (first - second).abs().max() > 1e-2
+    assert (second - plain).abs().max() <= 0.05 * plain.abs().max()

@@ -61,13 +61,28 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _weights_as(linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight and bias in ``dtype``. Under autocast the bf16 copies are kept on the layer until the
+    parameters change (version counter or storage), instead of being cast again on every call as autocast does:
+    for ViT-B/16 that cast reads 344 MB and writes 172 MB per forward. The copy costs half the fp32 weights'
+    memory while the model is used for autocast inference."""
+    w, b = linear.weight, linear.bias
+    if w.dtype == dtype:
+        return w, b
+    key = (dtype, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+    cached = linear.__dict__.get("_vitlab_cast")
+    if cached is None or cached[0] != key:
+        cached = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
+        linear.__dict__["_vitlab_cast"] = cached
+    return cached[1], cached[2]
+
+
 def _fused_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, post: str = "none",
                   algorithm: str = "") -> torch.Tensor:
     """``post(linear(x))`` as one oneDNN call; ``post`` is "none" or "gelu" (``algorithm`` "none" = erf, "tanh")."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # M, K
-    w = linear.weight.to(dtype)
-    b = linear.bias.to(dtype) if linear.bias is not None else None
+    w, b = _weights_as(linear, dtype)
     out = torch.ops.mkldnn._linear_pointwise(x2, w, b, post, [], algorithm)  # M, N
     return out.reshape(*lead, out.shape[-1])
 
