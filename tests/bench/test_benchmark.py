@@ -77,6 +77,10 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path) -> None:
         result["machine"]["versions"]["torch"].startswith(torch.__version__.split("+")[0])
     table = format_table(result)
     assert "bf16-weights" in table and "ratio" in table
+    from vitlab.bench.benchmark import format_markdown
+
+    md = format_markdown(result).splitlines()
+    assert len(md) == 2 + len(result["rows"]) and md[2].startswith("| tiny | infer | fp32 | eager | 4 |")
     path = write_json(result, tmp_path / "out.json")
     assert json.loads(path.read_text())["rows"][0]["model"] == "tiny"
 

@@ -435,6 +435,22 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(result: dict) -> str:
+    """The rows as a Markdown table for the docs (throughput in images/s, latency in ms, MFU in %)."""
+    lines = ["| model | task | dtype | mode | batch | vitlab | timm | vitlab/timm | MFU vitlab | MFU timm |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r["task"] == "latency":
+            v, t = f"{r['vitlab_ms']:.1f} ms", f"{r['timm_ms']:.1f} ms"
+        else:
+            v, t = f"{r['vitlab_img_s']:.1f}/s", f"{r['timm_img_s']:.1f}/s"
+        mode = r["mode"] if r["mode"] != "onnxruntime" else "onnxruntime (vitlab) vs eager (timm)"
+        lines.append(f"| {r['model']} | {r['task']} | {r['dtype']} | {mode} | {r['batch']} | {v} | {t} | "
+                     f"**{r.get('ratio', float('nan')):.2f}** | {100 * r['vitlab_mfu']:.0f}% | "
+                     f"{100 * r['timm_mfu']:.0f}% |")
+    return "\n".join(lines)
+
+
 def write_json(result: dict, path: str | Path) -> Path:
     """Write ``result`` to ``path`` atomically (temp file, then rename)."""
     path = Path(path)
