@@ -75,8 +75,8 @@ def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
 
 
 def _compile(model: nn.Module, *, inference: bool, freeze: bool) -> nn.Module:
-    # Freezing only applies to graphs run without grad; it is set at compile time (first call), which
-    # _first_call below does inside the same context.
+    # Freezing (weights as constants, prepacked for oneDNN) only applies to graphs run without grad and is read
+    # when the graph compiles, i.e. at the first call, which infer_call makes inside _inductor_freezing.
     compiled = torch.compile(model, dynamic=False)
     compiled._vitlab_freeze = inference and freeze  # type: ignore[attr-defined]
     return compiled

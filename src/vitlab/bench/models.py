@@ -6,7 +6,6 @@ timm is a benchmark-time reference only: it is imported inside :func:`build_timm
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -120,6 +119,3 @@ def max_output_difference(a: nn.Module, b: nn.Module, config: ViTConfig, batch: 
     x = torch.randn(batch, config.in_channels, *config.image_hw, generator=torch.Generator().manual_seed(1))
     return float((a(x) - b(x)).abs().max())
 
-
-def replace_batch(model: BenchModel, **changes: int) -> BenchModel:
-    return dataclasses.replace(model, **changes)
