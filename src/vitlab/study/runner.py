@@ -134,7 +134,7 @@ def recipe_request(config: TrainConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- budget
-def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 5, warmup: int = 2,
+def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 8, warmup: int = 2,
                        max_seconds: float = 20.0) -> float:
     """Median seconds of one training step of ``config``'s model on a synthetic batch, after ``warmup`` steps
     (the first steps build kernels and caches and are several times slower)."""
