@@ -19,9 +19,15 @@ _LAZY = {
 }
 
 
+# Subpackages reachable as attributes (``vitlab.analysis.attention_rollout``) without importing them up front.
+_SUBPACKAGES = {"analysis", "bench", "checkpoints", "data", "study", "train"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"vitlab.{name}")
     raise AttributeError(f"module 'vitlab' has no attribute {name!r}")
 
 

@@ -198,3 +198,14 @@ def test_state_dict_keys_follow_the_de_facto_names() -> None:
     for k in ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
               "blocks.1.attn.proj.bias", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias", "norm.weight", "head.bias"):
         assert k in keys
+
+
+def test_import_is_torch_only_and_subpackages_load_on_access() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, vitlab; heavy = {'matplotlib', 'timm', 'transformers', 'onnx', 'tensorboard', 'scipy'}; "
+            "assert not heavy & {m.split('.')[0] for m in sys.modules}, sorted(heavy & set(sys.modules)); "
+            "assert 'vitlab.analysis' not in sys.modules; "
+            "assert callable(vitlab.analysis.attention_rollout) and callable(vitlab.load)")
+    subprocess.run([sys.executable, "-c", code], check=True)
