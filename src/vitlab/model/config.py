@@ -73,8 +73,30 @@ class ResNetConfig:
         return 4 * 2 ** (len(self.layers) - 1)
 
 
+class JsonConfig:
+    """JSON round trip shared by the model configs (checkpoints store a config as JSON). Nested ``backbone`` dicts
+    become ``ResNetConfig`` in each config's ``__post_init__``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Any:
+        return cls.from_dict(json.loads(text))
+
+
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(JsonConfig):
     """Every architectural choice of a Vision Transformer.
 
     Defaults follow the official implementation (tanh GELU, LayerNorm eps 1e-6, qkv bias, class token, learned 1D
@@ -189,29 +211,10 @@ class ViTConfig:
             )
         return dataclasses.replace(self, **overrides)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ViTConfig":
-        data = dict(data)
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ViTConfig field(s) {sorted(unknown)}")
-        if data.get("backbone") is not None and not isinstance(data["backbone"], ResNetConfig):
-            data["backbone"] = ResNetConfig(**data["backbone"])
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ViTConfig":
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)
-class ResNetClassifierConfig:
+class ResNetClassifierConfig(JsonConfig):
     """A standalone BiT-style ResNet classifier (the paper's CNN baseline, Kolesnikov et al. 2020 "BiT").
 
     The backbone is the hybrid's post-activation ResNet (:class:`ResNetConfig`); the head is global average
@@ -268,25 +271,6 @@ class ResNetClassifierConfig:
             overrides["backbone"] = dataclasses.replace(overrides.get("backbone", self.backbone), **backbone_overrides)
         return dataclasses.replace(self, **overrides)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ResNetClassifierConfig":
-        data = dict(data)
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ResNetClassifierConfig field(s) {sorted(unknown)}")
-        if isinstance(data.get("backbone"), dict):
-            data["backbone"] = ResNetConfig(**data["backbone"])
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ResNetClassifierConfig":
-        return cls.from_dict(json.loads(text))
 
 
 # Table 1 of the paper (Base, Large, Huge) and DeiT's Tiny and Small, which the AugReg checkpoints use:
