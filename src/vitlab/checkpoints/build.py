@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -100,3 +100,15 @@ def resolve_config(spec: "str | ViTConfig | dict[str, Any] | None", derived: dic
     if config.backbone is not None and resnet_numerics:
         config = config.replace(backbone=dataclasses.replace(config.backbone, **resnet_numerics))
     return config
+
+
+def count_stage_units(has_unit: Callable[[int, int], bool]) -> tuple[int, ...]:
+    """Units per ResNet stage, read off a checkpoint's key names: ``has_unit(stage, unit)`` (both 0-based) says
+    whether that unit's first conv is present. Shared by the formats that store a hybrid's backbone."""
+    layers: list[int] = []
+    while has_unit(len(layers), 0):
+        units = 0
+        while has_unit(len(layers), units):
+            units += 1
+        layers.append(units)
+    return tuple(layers)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitlab.checkpoints.build import model_from_state_dict, resolve_config
+from vitlab.checkpoints.build import count_stage_units, model_from_state_dict, resolve_config
 from vitlab.checkpoints.io import atomic_write, report_read
 from vitlab.checkpoints.strict import CheckpointError
 from vitlab.model.config import ResNetConfig, ViTConfig
@@ -212,14 +212,9 @@ def infer_config(p: OfficialParams, model: str | ViTConfig | dict | None = None)
     unknown: dict[str, str] = {}
     backbone = None
     if "conv_root/kernel" in p:
-        layers = []
-        while f"block{len(layers) + 1}/unit1/conv1/kernel" in p:
-            units = 0
-            while f"block{len(layers) + 1}/unit{units + 1}/conv1/kernel" in p:
-                units += 1
-            layers.append(units)
+        layers = count_stage_units(lambda s, u: f"block{s + 1}/unit{u + 1}/conv1/kernel" in p)
         _, _, cin, root = p.shape("conv_root/kernel")
-        backbone = ResNetConfig(layers=tuple(layers), width_factor=root / 64)
+        backbone = ResNetConfig(layers=layers, width_factor=root / 64)
         fields.update(backbone=backbone, in_channels=cin)  # the embedding's input is the ResNet's output
     if POSEMB in p:
         tokens = p.shape(POSEMB)[1] - (1 if fields["classifier"] == "token" else 0)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from vitlab.checkpoints.build import model_from_state_dict, resolve_config
+from vitlab.checkpoints.build import count_stage_units, model_from_state_dict, resolve_config
 from vitlab.checkpoints.io import atomic_write, read_weights
 from vitlab.checkpoints.strict import CheckpointError
 from vitlab.model.config import ViTConfig
@@ -104,14 +104,9 @@ def derive_config(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[
     if BACKBONE + "stem.conv.weight" in sd:
         from vitlab.model.config import ResNetConfig
 
-        layers = []
-        while f"{BACKBONE}stages.{len(layers)}.blocks.0.conv1.weight" in sd:
-            units = 0
-            while f"{BACKBONE}stages.{len(layers)}.blocks.{units}.conv1.weight" in sd:
-                units += 1
-            layers.append(units)
+        layers = count_stage_units(lambda s, u: f"{BACKBONE}stages.{s}.blocks.{u}.conv1.weight" in sd)
         root, cin = sd[BACKBONE + "stem.conv.weight"].shape[:2]
-        backbone = ResNetConfig(layers=tuple(layers), width_factor=root / 64)
+        backbone = ResNetConfig(layers=layers, width_factor=root / 64)
         fields.update(backbone=backbone, in_channels=cin)
         stride = backbone.stride
     if "pos_embed" in sd:
