@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +211,36 @@ def test_import_is_torch_only_and_subpackages_load_on_access() -> None:
             "assert 'vitlab.analysis' not in sys.modules; "
             "assert callable(vitlab.analysis.attention_rollout) and callable(vitlab.load)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kind", ["learned-1d", "learned-2d", "sincos-2d"])
+def test_interpolated_position_embedding_equals_a_resized_copy(kind) -> None:
+    # Another resolution with interpolate_pos_embed=True must compute what set_image_size's resized copy computes,
+    # while the stored parameters keep the model's own grid and receive the gradient.
+    torch.manual_seed(0)
+    model = vitlab.create_model("ViT-Ti/16", num_classes=5, image_size=32, patch_size=4, width=32, depth=1,
+                                num_heads=2, mlp_dim=64, pos_embed=kind).eval()
+    if kind != "sincos-2d":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()  # non-zero head and embeddings, so a wrong embedding shows in the logits
+    x = torch.randn(2, 3, 24, 24)
+    resized = copy.deepcopy(model)
+    resized.set_image_size(24)
+    out = model(x, interpolate_pos_embed=True)
+    torch.testing.assert_close(out, resized(x), rtol=1e-5, atol=1e-5)
+    assert model.config.image_hw == (32, 32)
+    if kind == "learned-1d":
+        out.sum().backward()
+        assert model.pos_embed.shape == (1, 1 + 64, 32) and model.pos_embed.grad.abs().sum() > 0
+    full = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(full, interpolate_pos_embed=True), model(full))
+
+
+def test_other_resolutions_need_the_flag_and_a_multiple_of_the_patch() -> None:
+    model = vitlab.create_model("ViT-Ti/16", num_classes=5, image_size=32, patch_size=4, width=32, depth=1,
+                                num_heads=2, mlp_dim=64)
+    with pytest.raises(ValueError, match="interpolate_pos_embed=True"):
+        model(torch.randn(1, 3, 24, 24))
+    with pytest.raises(ValueError, match="26x26 pixels is not a multiple of the 4x4 patch"):
+        model(torch.randn(1, 3, 26, 26), interpolate_pos_embed=True)

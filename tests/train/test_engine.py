@@ -166,3 +166,45 @@ def test_tensorboard_events_hold_the_logged_loss(data, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logged if "split" not in r]
     assert [round(e.value, 5) for e in acc.Scalars("train/loss")] == [round(v, 5) for v in losses]
+
+
+def test_train_step_at_a_lower_resolution_resizes_and_samples_the_embedding():
+    # image_size=8 on 16-px batches: the model sees 8-px images (a 2x2 grid, position embedding interpolated), and
+    # the step equals feeding the antialiased 8-px batch to a copy resized with set_image_size.
+    import copy
+
+    torch.manual_seed(0)
+    model = vitlab.create_model("ViT-Ti/16", num_classes=3, image_size=16, patch_size=4, width=32, depth=1,
+                                num_heads=2, mlp_dim=64)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    small = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", antialias=True)
+    reference = copy.deepcopy(model)
+    reference.set_image_size(8)
+    seen = []
+    model.patch_embed.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    cfg = load_config(None, ["precision=fp32", "grad_clip=null", "label_smoothing=0"])
+    loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [(x, y)], config=cfg,
+                         device=torch.device("cpu"), step=0, rank=0, lr=0.0, image_size=8)
+    assert seen == [(4, 3, 8, 8)]
+    expected = torch.nn.functional.cross_entropy(reference(small), y).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_low_resolution_phase_then_full_resolution(data, tmp_path, monkeypatch):
+    sizes = []
+    original = vitlab.model.VisionTransformer.forward
+
+    def spy(self, x, **kwargs):
+        if self.training:
+            sizes.append(x.shape[-1])
+        return original(self, x, **kwargs)
+
+    monkeypatch.setattr(vitlab.model.VisionTransformer, "forward", spy)
+    cfg = load_config(None, tiny_overrides(steps=10, low_res_size=8, low_res_fraction=0.6))
+    result = train(cfg, data, tmp_path / "run")
+    assert sizes == [8] * 6 + [16] * 4
+    assert result["step"] == 10 and vitlab.load(tmp_path / "run" / "model.safetensors").config.image_hw == (16, 16)
+    with pytest.raises(ValueError, match="low_res_size must be in"):
+        load_config(None, tiny_overrides(low_res_size=32))

@@ -116,25 +116,46 @@ class VisionTransformer(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.config.num_prefix_tokens
 
-    def position_embedding(self) -> torch.Tensor | None:
-        """The (1, prefix + gh*gw, D) or (1, gh*gw, D) embedding added to the tokens, or None for ``"none"``."""
+    def position_embedding(self, grid: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The (1, prefix + gh*gw, D) or (1, gh*gw, D) embedding added to the tokens, or None for ``"none"``.
+
+        ``grid`` other than the model's own samples the embedding there (bilinear, aligned corners, the same
+        resize as ``set_image_size``) without changing the parameters, so gradients reach the stored table.
+        """
         kind = self.config.pos_embed
+        native = self.config.grid_size
+        grid = native if grid is None else (int(grid[0]), int(grid[1]))
         if kind == "learned-1d":
-            return self.pos_embed
+            if grid == native:
+                return self.pos_embed
+            from vitlab.checkpoints.surgery import resample_pos_embed
+
+            return resample_pos_embed(self.pos_embed, grid, native, self.num_prefix_tokens)
         if kind == "learned-2d":
-            gh, gw = self.config.grid_size
-            rows = self.pos_embed_row[:, :, None, :].expand(-1, gh, gw, -1)  # 1, gh, gw, D/2
-            cols = self.pos_embed_col[:, None, :, :].expand(-1, gh, gw, -1)  # 1, gh, gw, D/2
+            from vitlab.checkpoints.surgery import resample_axis_embed
+
+            gh, gw = grid
+            rows = resample_axis_embed(self.pos_embed_row, gh)[:, :, None, :].expand(-1, gh, gw, -1)  # 1, gh, gw, D/2
+            cols = resample_axis_embed(self.pos_embed_col, gw)[:, None, :, :].expand(-1, gh, gw, -1)  # 1, gh, gw, D/2
             return torch.cat([rows, cols], dim=-1).reshape(1, gh * gw, -1)  # 1, N, D
         if kind == "sincos-2d":
-            return self.pos_embed_fixed
+            if grid == native:
+                return self.pos_embed_fixed
+            from vitlab.checkpoints.surgery import resample_pos_embed
+
+            return resample_pos_embed(self.pos_embed_fixed, grid, native, num_prefix_tokens=0)
         return None
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, prefix + N, D) with position information, before the encoder."""
-        self._check_input(x)
+    def embed(self, x: torch.Tensor, *, interpolate_pos_embed: bool = False) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, prefix + N, D) with position information, before the encoder.
+
+        ``interpolate_pos_embed=True`` accepts another resolution (a multiple of the patch size) and samples the
+        position embedding at its grid: training at a lower resolution than the model's (FixRes, progressive
+        resizing) without touching the parameters.
+        """
+        grid = self._check_input(x, any_size=interpolate_pos_embed)
         x = self.patch_embed(x)  # B, N, D
-        pos = self.position_embedding()
+        pos = self.position_embedding(grid)
         if self.config.pos_embed == "learned-1d":
             # The class token is prepended before the embedding is added, as the official code.
             if self.cls_token is not None:
@@ -148,9 +169,9 @@ class VisionTransformer(nn.Module):
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, *, interpolate_pos_embed: bool = False) -> torch.Tensor:
         """Images -> encoder output after the final LayerNorm, (B, prefix + N, D)."""
-        x = self.embed(x)
+        x = self.embed(x, interpolate_pos_embed=interpolate_pos_embed)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -166,8 +187,8 @@ class VisionTransformer(nn.Module):
             x = torch.tanh(self.pre_logits(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, *, interpolate_pos_embed: bool = False) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, interpolate_pos_embed=interpolate_pos_embed))
 
     # ----------------------------------------------------------------------------------- explicit paths
     def intermediates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -224,12 +245,22 @@ class VisionTransformer(nn.Module):
                 self.register_buffer("pos_embed_fixed", buf, persistent=False)
         self.config = new_cfg
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels or tuple(x.shape[-2:]) != self.config.image_hw:
-            raise ValueError(
-                f"expected input of shape (B, {self.config.in_channels}, {self.config.image_hw[0]}, "
-                f"{self.config.image_hw[1]}), got {tuple(x.shape)}; call set_image_size() to change the resolution"
-            )
+    def _check_input(self, x: torch.Tensor, any_size: bool = False) -> tuple[int, int]:
+        """Validate an image batch and return its token grid."""
+        cfg = self.config
+        if x.ndim == 4 and x.shape[1] == cfg.in_channels and tuple(x.shape[-2:]) == cfg.image_hw:
+            return cfg.grid_size
+        if any_size and x.ndim == 4 and x.shape[1] == cfg.in_channels:
+            hw = (int(x.shape[-2]), int(x.shape[-1]))
+            ph, pw = cfg.effective_patch_hw
+            if hw[0] % ph == 0 and hw[1] % pw == 0:
+                return (hw[0] // ph, hw[1] // pw)
+            raise ValueError(f"input of {hw[0]}x{hw[1]} pixels is not a multiple of the {ph}x{pw} patch "
+                             "(in input pixels)")
+        raise ValueError(
+            f"expected input of shape (B, {cfg.in_channels}, {cfg.image_hw[0]}, {cfg.image_hw[1]}), got "
+            f"{tuple(x.shape)}; call set_image_size() to change the resolution, or pass interpolate_pos_embed=True"
+        )
 
 
 def _lecun_normal_(w: torch.Tensor) -> None:

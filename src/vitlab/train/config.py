@@ -32,6 +32,12 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     """Extra keyword arguments for ``create_model`` (e.g. ``patch_size``, ``depth``, ``drop_path``, ``classifier``)."""
     image_size: int = 224
+    low_res_size: Optional[int] = None
+    """Train at this lower resolution first, then at ``image_size`` (the model's, used for evaluation): the
+    position embedding is sampled at the smaller grid (``interpolate_pos_embed``), so each image costs fewer tokens.
+    The paper's pre-train-low / fine-tune-high split inside one run."""
+    low_res_fraction: float = 0.8
+    """Share of the run at ``low_res_size``: of the steps, or of the wall-clock budget with ``budget_minutes``."""
     num_classes: Optional[int] = None
     """Head size; ``None`` takes the number of class folders of the training data."""
     init: Optional[str] = None
@@ -40,6 +46,8 @@ class TrainConfig:
     """Format passed to ``vitlab.load`` when the file does not say it."""
     init_drop_pre_logits: bool = True
     """Fine-tuning replaces the whole pre-trained head, pre-logits layer included (paper Sec. 3.2)."""
+    attention_init: Literal["default", "mimetic"] = "default"
+    """From scratch only: ``mimetic`` starts attention near the structure of trained ViTs (``vitlab.train.init``)."""
 
     # --- schedule and optimiser
     epochs: float = 10.0
@@ -120,6 +128,10 @@ class TrainConfig:
                              f"({self.accum_steps})")
         if self.epochs <= 0 and not self.steps:
             raise ValueError("epochs must be positive (or set steps)")
+        if not 0.0 <= self.low_res_fraction <= 1.0:
+            raise ValueError(f"low_res_fraction must be in [0, 1], got {self.low_res_fraction}")
+        if self.low_res_size is not None and not 0 < self.low_res_size <= self.image_size:
+            raise ValueError(f"low_res_size must be in (0, image_size={self.image_size}], got {self.low_res_size}")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from vitlab.data.folder import (BadSample, InMemoryImages, SafeImageFolder, estimate_bytes, load_in_memory, scan,
                                 split_dirs)
 from vitlab.data.images import BadImageError
+from vitlab.model import VisionTransformer
 from vitlab.data.loaders import FolderBatches, InMemoryBatches, derive_seed
 from vitlab.data.transforms import BatchAugment, resolve_normalize, train_transform
 from vitlab.train.checkpoint import atomic_write, load_checkpoint, rng_states, save_checkpoint, set_rng_states
@@ -85,16 +86,19 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     import vitlab
 
     if not config.init:
-        return vitlab.create_model(config.model, num_classes=num_classes, image_size=config.image_size,
-                                   **config.model_overrides)
+        model = vitlab.create_model(config.model, num_classes=num_classes, image_size=config.image_size,
+                                    **config.model_overrides)
+        if config.attention_init == "mimetic":
+            from vitlab.train.init import mimetic_attention_init_
+
+            mimetic_attention_init_(model, generator=torch.Generator().manual_seed(derive_seed(config.seed, 6)))
+        return model
     kwargs: dict[str, Any] = {"image_size": config.image_size, "num_classes": num_classes}
     if config.init_format:
         kwargs["format"] = config.init_format
     model = vitlab.load(config.init, drop_pre_logits=config.init_drop_pre_logits, **kwargs)
     if config.model_overrides:
         # Regularisation changes (dropout, drop_path) do not change parameters: rebuild and copy the weights.
-        from vitlab.model import VisionTransformer
-
         tuned = VisionTransformer(model.config.replace(**config.model_overrides))
         tuned.load_state_dict(model.state_dict())
         model = tuned
@@ -221,8 +225,13 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, Any]],
-               *, config: TrainConfig, device: torch.device, step: int, rank: int, lr: float) -> tuple[float, float]:
-    """One optimiser step over ``micro_batches`` (gradient accumulation). Returns (mean loss, gradient norm)."""
+               *, config: TrainConfig, device: torch.device, step: int, rank: int, lr: float,
+               image_size: int | None = None) -> tuple[float, float]:
+    """One optimiser step over ``micro_batches`` (gradient accumulation). Returns (mean loss, gradient norm).
+
+    ``image_size`` other than the batches' resizes them first (antialiased) and lets the model sample its
+    position embedding at the smaller grid.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = sum(len(x) for x, _ in micro_batches)
@@ -234,8 +243,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
+            x = x.to(device, non_blocking=True)
+            kwargs = {}
+            if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
+                x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+                if isinstance(_unwrap(model), VisionTransformer):
+                    kwargs["interpolate_pos_embed"] = True
             with autocast(device, config.precision):
-                logits = model(x.to(device, non_blocking=True))
+                logits = model(x, **kwargs)
             loss = loss_fn(logits, y.to(device, non_blocking=True), config.label_smoothing)
             (loss * (len(x) / total)).backward()
         loss_sum += loss.item() * len(x)
@@ -466,6 +481,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     finished = False
     start_step = step
     rate_mark = (step, loop_start)
+    current_size, mark_at = None, start_step + 10
     last_loss, result_eval, gnorm = float("nan"), None, None
     interrupted = False
     try:
@@ -478,20 +494,33 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                     _record_bad(bad, bad_seen, run_dir, d, config.strict)
                 t0 = time.perf_counter()
                 data_time += t0 - t_data
-                if budget_s is not None and step - start_step == 10:
+                low_res = config.low_res_size is not None and (
+                    time.perf_counter() - loop_start < config.low_res_fraction * budget_s if budget_s is not None
+                    else step < config.low_res_fraction * total_steps)
+                size = config.low_res_size if low_res else config.image_size
+                if size != current_size:
+                    current_size, mark_at = size, step + 3  # measure the new step rate after recompiling
+                if budget_s is not None and step == mark_at:
                     rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
-                if budget_s is not None and step - start_step >= 20:
-                    # Time-budget mode: re-estimate the schedule's length from the measured step rate.
+                if budget_s is not None and step - start_step >= 20 and step - rate_mark[0] >= 10:
+                    # Time-budget mode: re-estimate the schedule's length from the measured step rate; the rest of
+                    # a low-resolution phase runs at that rate, later full-resolution time at the rate scaled by
+                    # the token ratio.
                     now = time.perf_counter()
                     rate = (step - rate_mark[0]) / max(now - rate_mark[1], 1e-9)
-                    total_steps = min(step_cap, max(step + 1, round(step + rate * (budget_s - (now - loop_start)))))
+                    left = budget_s - (now - loop_start)
+                    future = rate * left
+                    if low_res:
+                        low_left = max(0.0, config.low_res_fraction * budget_s - (now - loop_start))
+                        future = rate * (low_left + (left - low_left) * (config.low_res_size / config.image_size) ** 2)
+                    total_steps = min(step_cap, max(step + 1, round(step + future)))
                 lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup, kind=config.schedule,
                            min_lr=config.min_lr)
                 parts = list(zip(x.split(micro // d.world), y.split(micro // d.world))) if len(y) else []
                 if parts:
                     try:
                         last_loss, gnorm = train_step(train_model, optimizer, parts, config=config, device=d.device,
-                                                      step=step, rank=d.rank, lr=lr)
+                                                      step=step, rank=d.rank, lr=lr, image_size=size)
                     except NonFiniteLossError:
                         raise
                     except Exception as e:  # noqa: BLE001 - only the first compiled step may fall back
@@ -502,7 +531,8 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                         optimizer.zero_grad(set_to_none=True)
                         train_model = eager_model
                         last_loss, gnorm = train_step(train_model, optimizer, parts, config=config,
-                                                      device=d.device, step=step, rank=d.rank, lr=lr)
+                                                      device=d.device, step=step, rank=d.rank, lr=lr,
+                                                      image_size=size)
                     compile_pending = False
                     if ema is not None:
                         ema.update(model)
