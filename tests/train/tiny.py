@@ -32,7 +32,8 @@ def tiny_overrides(**extra: object) -> list[str]:
     """``--set`` strings for a tiny, deterministic fp32 run on 16-px images."""
     sets = ["model=ViT-Ti/16", "image_size=16", "batch_size=8", "epochs=2", "lr=0.001", "precision=fp32",
             "threads=1", "eval_every=0", "log_every=1", "warmup_steps=2", "crop=inception", "randaugment_n=1",
-            "in_memory=true", "workers=0", "budget_minutes=null"]
+            "in_memory=true", "workers=0", "budget_minutes=null",
+            "low_res_size=null"]
     sets += [f"model_overrides.{k}={v}" for k, v in TINY_MODEL.items()]
     sets += [f"{k}={v}" for k, v in extra.items()]
     return sets
