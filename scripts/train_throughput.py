@@ -59,7 +59,8 @@ def main() -> None:
     aug = BatchAugment(cfg.image_size, crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad,
                        hflip=cfg.hflip, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
                        normalize=norm)
-    mem = InMemoryBatches(data, aug, seed=0, num_classes=len(data.classes), mixup=cfg.mixup, cutmix=cfg.cutmix)
+    mem = InMemoryBatches(data, aug, seed=0, num_classes=len(data.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
+                         mix_prob=cfg.mix_prob)
     out["loader_in_memory_img_per_s"] = time_loader(mem, mem.steps_per_epoch(cfg.batch_size), cfg.batch_size,
                                                     args.steps)
     tf = train_transform(cfg.image_size, crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad,
@@ -67,14 +68,18 @@ def main() -> None:
                          normalize=norm)
     for workers in (0, args.threads):
         fb = FolderBatches(SafeImageFolder(train_dir, tf), seed=0, num_classes=len(data.classes), workers=workers,
-                           global_batch=cfg.batch_size, mixup=cfg.mixup, cutmix=cfg.cutmix)
+                           global_batch=cfg.batch_size, mixup=cfg.mixup, cutmix=cfg.cutmix,
+                           mix_prob=cfg.mix_prob)
         out[f"loader_stream_workers{workers}_img_per_s"] = time_loader(fb, fb.steps_per_epoch(cfg.batch_size),
                                                                        cfg.batch_size, min(args.steps, 10))
         del fb
 
     x, y, _ = next(mem.epoch(0, 0, cfg.batch_size))
-    runs = [(p, False) for p in args.precisions.split(",")] + ([("bf16", True)] if args.compile else [])
-    for precision, compiled in runs:
+    runs = [(p, False, cfg.image_size) for p in args.precisions.split(",")]
+    if cfg.low_res_size:  # the recipe's first phase: the same batches resized, fewer tokens
+        runs += [(p, False, cfg.low_res_size) for p in args.precisions.split(",")]
+    runs += [("bf16", True, cfg.image_size)] if args.compile else []
+    for precision, compiled, size in runs:
         c = cfg.replace(precision=precision)
         torch.manual_seed(0)
         model = build_model(c, len(data.classes)).train()
@@ -83,10 +88,12 @@ def main() -> None:
         times = []
         for i in range(args.steps + 3):
             t = time.perf_counter()
-            train_step(net, opt, [(x, y)], config=c, device=torch.device("cpu"), step=i, rank=0, lr=1e-4)
+            train_step(net, opt, [(x, y)], config=c, device=torch.device("cpu"), step=i, rank=0, lr=1e-4,
+                       image_size=size)
             if i >= 3:
                 times.append(time.perf_counter() - t)
-        key = f"train_step_{precision}{'_compiled' if compiled else ''}_img_per_s"
+        suffix = ("_compiled" if compiled else "") + ("" if size == cfg.image_size else f"_{size}px")
+        key = f"train_step_{precision}{suffix}_img_per_s"
         out[key] = cfg.batch_size / statistics.median(times)
         print(key, round(out[key], 1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
