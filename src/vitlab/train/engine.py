@@ -29,9 +29,9 @@ from torch.nn import functional as F
 from vitlab.data.folder import (BadSample, InMemoryImages, SafeImageFolder, estimate_bytes, load_in_memory, scan,
                                 split_dirs)
 from vitlab.data.images import BadImageError
-from vitlab.model import VisionTransformer
 from vitlab.data.loaders import FolderBatches, InMemoryBatches, derive_seed
 from vitlab.data.transforms import BatchAugment, resolve_normalize, train_transform
+from vitlab.model import VisionTransformer
 from vitlab.train.checkpoint import atomic_write, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from vitlab.train.config import TrainConfig
 from vitlab.train.evaluate import autocast, evaluate, folder_eval_loader
@@ -498,8 +498,9 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                     time.perf_counter() - loop_start < config.low_res_fraction * budget_s if budget_s is not None
                     else step < config.low_res_fraction * total_steps)
                 size = config.low_res_size if low_res else config.image_size
-                if size != current_size:
-                    current_size, mark_at = size, step + 3  # measure the new step rate after recompiling
+                if current_size is not None and size != current_size:
+                    mark_at = step + 3  # measure the new phase's step rate, after recompiling
+                current_size = size
                 if budget_s is not None and step == mark_at:
                     rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
                 if budget_s is not None and step - start_step >= 20 and step - rate_mark[0] >= 10:
