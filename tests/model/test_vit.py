@@ -215,19 +215,25 @@ def test_import_is_torch_only_and_subpackages_load_on_access() -> None:
 
 @pytest.mark.parametrize("kind", ["learned-1d", "learned-2d", "sincos-2d"])
 def test_interpolated_position_embedding_equals_a_resized_copy(kind) -> None:
-    # Another resolution with interpolate_pos_embed=True must compute what set_image_size's resized copy computes,
-    # while the stored parameters keep the model's own grid and receive the gradient.
+    # Another resolution with interpolate_pos_embed=True must compute what a copy with the table resized to the
+    # new grid computes, while the stored parameters keep the model's own grid and receive the gradient.
+    from vitlab.model.vit import sincos_2d
+
     torch.manual_seed(0)
     model = vitlab.create_model("ViT-Ti/16", num_classes=5, image_size=32, patch_size=4, width=32, depth=1,
                                 num_heads=2, mlp_dim=64, pos_embed=kind).eval()
-    if kind != "sincos-2d":
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_()  # non-zero head and embeddings, so a wrong embedding shows in the logits
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # non-zero head and embeddings, so a wrong embedding shows in the logits
     x = torch.randn(2, 3, 24, 24)
     resized = copy.deepcopy(model)
     resized.set_image_size(24)
+    if kind == "sincos-2d":
+        # set_image_size recomputes the sin-cos table for the new grid; sampling interpolates the 8x8 one.
+        sampled = resample_pos_embed(sincos_2d((8, 8), 32), (6, 6), (8, 8), num_prefix_tokens=0)
+        resized.register_buffer("pos_embed_fixed", sampled, persistent=False)
     out = model(x, interpolate_pos_embed=True)
+    assert out.abs().max() > 1e-3
     torch.testing.assert_close(out, resized(x), rtol=1e-5, atol=1e-5)
     assert model.config.image_hw == (32, 32)
     if kind == "learned-1d":

@@ -120,31 +120,25 @@ class VisionTransformer(nn.Module):
         """The (1, prefix + gh*gw, D) or (1, gh*gw, D) embedding added to the tokens, or None for ``"none"``.
 
         ``grid`` other than the model's own samples the embedding there (bilinear, aligned corners, the same
-        resize as ``set_image_size``) without changing the parameters, so gradients reach the stored table.
+        resize as ``set_image_size``) without changing the parameters, so gradients reach the stored table. The
+        sin-cos table is sampled too (the image keeps its coordinates), where ``set_image_size`` recomputes it.
         """
+        from vitlab.checkpoints.surgery import resample_axis_embed, resample_pos_embed
+
         kind = self.config.pos_embed
         native = self.config.grid_size
-        grid = native if grid is None else (int(grid[0]), int(grid[1]))
-        if kind == "learned-1d":
-            if grid == native:
-                return self.pos_embed
-            from vitlab.checkpoints.surgery import resample_pos_embed
-
-            return resample_pos_embed(self.pos_embed, grid, native, self.num_prefix_tokens)
+        gh, gw = native if grid is None else (int(grid[0]), int(grid[1]))
         if kind == "learned-2d":
-            from vitlab.checkpoints.surgery import resample_axis_embed
-
-            gh, gw = grid
-            rows = resample_axis_embed(self.pos_embed_row, gh)[:, :, None, :].expand(-1, gh, gw, -1)  # 1, gh, gw, D/2
-            cols = resample_axis_embed(self.pos_embed_col, gw)[:, None, :, :].expand(-1, gh, gw, -1)  # 1, gh, gw, D/2
+            rows = resample_axis_embed(self.pos_embed_row, gh)[:, :, None, :].expand(-1, gh, gw, -1)  # 1,gh,gw,D/2
+            cols = resample_axis_embed(self.pos_embed_col, gw)[:, None, :, :].expand(-1, gh, gw, -1)  # 1,gh,gw,D/2
             return torch.cat([rows, cols], dim=-1).reshape(1, gh * gw, -1)  # 1, N, D
-        if kind == "sincos-2d":
-            if grid == native:
-                return self.pos_embed_fixed
-            from vitlab.checkpoints.surgery import resample_pos_embed
-
-            return resample_pos_embed(self.pos_embed_fixed, grid, native, num_prefix_tokens=0)
-        return None
+        if kind == "learned-1d":
+            table, prefix = self.pos_embed, self.num_prefix_tokens
+        elif kind == "sincos-2d":
+            table, prefix = self.pos_embed_fixed, 0
+        else:
+            return None
+        return resample_pos_embed(table, (gh, gw), native, prefix)  # the table itself on the native grid
 
     def embed(self, x: torch.Tensor, *, interpolate_pos_embed: bool = False) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, prefix + N, D) with position information, before the encoder.
