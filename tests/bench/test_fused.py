@@ -116,11 +116,14 @@ def _attention_grads(fn, base: torch.Tensor, grad: torch.Tensor) -> tuple[torch.
     return out.detach(), qkv.grad
 
 
-def test_reduced_precision_attention_backward_is_the_softmax_attention_gradient() -> None:
+@pytest.mark.parametrize("slice_elements", [2**18, 2 * 7 * 7 * 2])  # whole batch; two samples per slice
+def test_reduced_precision_attention_backward_is_the_softmax_attention_gradient(monkeypatch, slice_elements) -> None:
+    from vitlab.model import layers
     from vitlab.model.layers import _ReducedPrecisionAttention
 
-    base = torch.randn(2, 7, 3, 2, 8, dtype=torch.float64)  # B, N, 3, H, hd
-    grad = torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    monkeypatch.setattr(layers, "_BACKWARD_ELEMENTS", slice_elements)
+    base = torch.randn(5, 7, 3, 2, 8, dtype=torch.float64)  # B, N, 3, H, hd (5: the last slice is partial)
+    grad = torch.randn(5, 2, 7, 8, dtype=torch.float64)
     out, g = _attention_grads(_ReducedPrecisionAttention.apply, base, grad)
     ref_out, ref_g = _attention_grads(torch.nn.functional.scaled_dot_product_attention, base, grad)
     torch.testing.assert_close(out, ref_out)

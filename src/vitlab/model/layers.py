@@ -138,8 +138,10 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
     Used for bf16/fp16 training on CPU with short sequences, where PyTorch's fused flash-attention backward runs
     at a fraction of the matmul rate: for the CIFAR model's 64 tokens (batch 128, 3 heads) forward+backward take
     25 ms instead of 46 ms on 2 threads; at 197 tokens the fused kernel wins (41 vs 50 ms), hence the
-    ``_SHORT_SEQUENCE`` limit. It saves less than the fused kernel (q, k, v, without its output and log-sum-exp), and
-    no (N, N) matrix between forward and backward: one layer's probabilities exist only during its backward.
+    ``_SHORT_SEQUENCE`` limit. It saves less than the fused kernel (q, k, v, without its output and log-sum-exp).
+    The backward walks the batch in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its (N, N)
+    temporaries stay a few MB (whole-batch temporaries made the CIFAR model's training peak 8% above timm's) and
+    stay in cache.
     """
 
     @staticmethod
@@ -150,18 +152,26 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = ctx.saved_tensors
-        dt, scale = q.dtype, q.shape[-1] ** -0.5
+        B, H, N, hd = q.shape
+        dt, scale = q.dtype, hd**-0.5
         acc = torch.promote_types(dt, torch.float32)
-        # The logits in fp32: rounding them to bf16 would perturb the probabilities by ~|logit| * 2^-8.
-        p = torch.softmax(torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)).mul_(scale), dim=-1)  # B, H, N, N
-        dv = torch.matmul(p.to(dt).transpose(-2, -1), do)  # B, H, N, hd
-        dp = torch.matmul(do, v.transpose(-2, -1)).to(acc)  # B, H, N, N
-        # Softmax backward: ds = p * (dp - sum_j p_ij dp_ij), all in fp32, cast once for the matmuls.
-        pdp = p * dp  # B, H, N, N
-        ds = pdp.sub_(p.mul_(pdp.sum(dim=-1, keepdim=True))).mul_(scale).to(dt)  # B, H, N, N
-        return torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q), dv
+        dq, dk, dv = (torch.empty(t.shape, dtype=dt, device=t.device) for t in (q, k, v))
+        step = max(1, _BACKWARD_ELEMENTS // (H * N * N))
+        for start in range(0, B, step):
+            s = slice(start, start + step)
+            # The logits in fp32: rounding them to bf16 would perturb the probabilities by ~|logit| * 2^-8.
+            p = torch.softmax(torch.matmul(q[s].to(acc), k[s].to(acc).transpose(-2, -1)).mul_(scale), dim=-1)
+            torch.matmul(p.to(dt).transpose(-2, -1), do[s], out=dv[s])  # b, H, N, hd
+            dp = torch.matmul(do[s], v[s].transpose(-2, -1)).to(acc)  # b, H, N, N
+            # Softmax backward: ds = p * (dp - sum_j p_ij dp_ij), all in fp32, cast once for the matmuls.
+            pdp = p * dp
+            ds = pdp.sub_(p.mul_(pdp.sum(dim=-1, keepdim=True))).mul_(scale).to(dt)
+            torch.matmul(ds, k[s], out=dq[s])
+            torch.matmul(ds.transpose(-2, -1), q[s], out=dk[s])
+        return dq, dk, dv
 
 
+_BACKWARD_ELEMENTS = 2**18  # probabilities per backward slice: 1 MB in fp32
 _SHORT_SEQUENCE = 128
 
 
@@ -257,7 +267,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * mask.div_(keep)  # scale the (B, 1, ...) mask, not the activations: one pass over x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -127,11 +127,16 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, config.weight_decay, config.decay_embeddings)
+    # One fused kernel for all parameters instead of torch's per-parameter loop, which on CPU is its default
+    # (CIFAR model: ~3 ms of a ~110 ms step). Sharded (FSDP2) parameters keep the default implementation.
+    params = [p for group in groups for p in group["params"]]
+    fused = {"fused": True} if all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
+                                   for p in params) else {}
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, **fused)
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, **fused)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
 
 
 class EMA:
