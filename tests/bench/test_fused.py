@@ -170,6 +170,26 @@ def test_autocast_weight_copies_follow_weight_updates() -> None:
     assert (second - plain).abs().max() <= 0.05 * plain.abs().max()
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_cached_weights_follow_optimizer_steps(fused) -> None:
+    """torch's fused optimisers write parameters without bumping their version counters: the cache must still see
+    the step (it once did not, and evaluations during training used the weights of the first evaluation)."""
+    model = _model("token-exact")
+    x = torch.randn(2, 3, 16, 16)
+    first, _ = _run(model, x, True, autocast=True)
+    versions = [p._version for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=fused)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if fused:
+        assert versions == [p._version for p in model.parameters()]  # the premise: no version bump
+    second, _ = _run(model, x, True, autocast=True)
+    plain, _ = _run(model, x, False, autocast=True)
+    assert (first - second).abs().max() > 1e-2
+    assert (second - plain).abs().max() <= 0.05 * plain.abs().max()
+
+
 def test_model_with_cached_weights_still_copies_and_pickles() -> None:
     import pickle
 

@@ -40,6 +40,19 @@ def test_run_writes_all_outputs_and_learns(data, tmp_path):
         train(cfg, data, run)
 
 
+def test_bf16_evaluations_during_training_see_the_current_weights(data, tmp_path):
+    """Evaluations inside a bf16 run use the fused inference path's cached bf16 weights; after the fused
+    optimiser's steps (which do not bump version counters) they must still see the weights being trained: the
+    run's final evaluation equals a fresh process-style evaluation of the saved weights."""
+    cfg = load_config(None, tiny_overrides(epochs=4, lr=0.003, precision="bf16", eval_every=1, randaugment_n=0))
+    result = train(cfg, data, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("split") == "val"]
+    assert len(evals) >= 3 and len({round(r["loss"], 6) for r in evals}) == len(evals)  # the model moved
+    fresh = evaluate(vitlab.load(tmp_path / "run" / "model.safetensors"), data / "val", precision="bf16")
+    assert result["loss"] == pytest.approx(fresh["loss"], rel=1e-4) and result["top1"] == fresh["top1"]
+
+
 def test_weight_decay_only_on_matrices():
     model = vitlab.create_model("ViT-Ti/16", num_classes=3, image_size=16, patch_size=4, width=32, depth=1,
                                 num_heads=2, mlp_dim=64)

@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # ------------------------------------------------------------------------------------- fused CPU inference
 # Without autograd on CPU, the Dense layers run as oneDNN matmuls with the bias, the GELU (MLP) and the residual
@@ -61,6 +62,20 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+# Optimiser steps seen so far, by any torch.optim optimiser: part of the cache key below, because torch's fused
+# optimisers (``fused=True``, as vitlab's training uses) update parameters in place without bumping their version
+# counters, which would otherwise leave a stale bf16 copy in use after training steps.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _weights_as(linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's weight and bias for a ``dtype`` matmul. bf16 weights are kept on the layer, prepacked, until
     the parameters change (version counter or storage): under autocast this also saves the cast autocast repeats
@@ -69,7 +84,7 @@ def _weights_as(linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, to
     w, b = linear.weight, linear.bias
     if dtype != torch.bfloat16:
         return w, b  # fp32: oneDNN's fp32 matmul takes the plain layout at no cost
-    key = (dtype, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+    key = (dtype, _optimizer_steps, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
     cache = linear.__dict__.setdefault("_vitlab_cast", _CastCache())
     if cache.key != key:
         # Stored in oneDNN's blocked layout, so the matmul does not reorder the weight on every call either
