@@ -58,7 +58,7 @@ def main() -> None:
     out["decode_img_per_s"] = len(data.labels) / (time.perf_counter() - t)
     aug = BatchAugment(cfg.image_size, crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad,
                        hflip=cfg.hflip, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-                       normalize=norm)
+                       randaugment_group=cfg.randaugment_group, normalize=norm)
     mem = InMemoryBatches(data, aug, seed=0, num_classes=len(data.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
                          mix_prob=cfg.mix_prob)
     out["loader_in_memory_img_per_s"] = time_loader(mem, mem.steps_per_epoch(cfg.batch_size), cfg.batch_size,

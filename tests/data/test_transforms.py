@@ -67,6 +67,27 @@ def test_batch_augment_is_a_function_of_the_generator_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_randaugment_draws_one_op_per_group():
+    # 16 copies of one image, no crop or flip: copies in the same group get the same ops, so they stay equal.
+    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).expand(16, 3, 16, 16).contiguous()
+    for group in (4, 1):
+        aug = BatchAugment(16, crop="resize", hflip=False, randaugment_n=2, randaugment_m=15, randaugment_group=group)
+        out = aug(x, torch.Generator().manual_seed(3))
+        groups = out.view(16 // group, group, -1)
+        assert all(torch.equal(g[0], g[j]) for g in groups for j in range(group))
+        assert len({tuple(g[0].flatten().tolist()) for g in groups}) > 16 // group // 2  # groups differ
+
+
+def test_config_sets_the_randaugment_group(tmp_path):
+    from tests.train.tiny import make_folder, tiny_overrides
+    from vitlab.train import load_config
+    from vitlab.train.engine import Dist, build_data
+
+    data = make_folder(tmp_path / "data")
+    run_data = build_data(load_config(None, tiny_overrides(randaugment_group=3)), data, Dist(), progress=False)
+    assert run_data.train.augment.group == 3
+
+
 def test_mixup_targets_are_convex_combinations():
     mix = make_mix(4, mixup=0.8)
     x = torch.randn(8, 3, 4, 4)

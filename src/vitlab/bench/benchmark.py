@@ -302,7 +302,7 @@ def data_pipeline(spec: BenchSpec, root: str | Path | None = None) -> dict:
     out["decode_img_s"] = round(n / (time.perf_counter() - start), 1)
     augment = BatchAugment(cfg.image_size, crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad,
                            hflip=cfg.hflip, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-                           normalize=norm)
+                           randaugment_group=cfg.randaugment_group, normalize=norm)
     batches = InMemoryBatches(data, augment, seed=0, num_classes=len(data.classes))
     out["batch"] = batch = min(cfg.batch_size, n)
     steps = min(spec.data_batches, n // batch)

@@ -88,6 +88,8 @@ class TrainConfig:
     """RandAugment: number of operations per image (0 disables it)."""
     randaugment_m: int = 9
     """RandAugment magnitude (0-30)."""
+    randaugment_group: int = 8
+    """In-memory mode: images per RandAugment draw (one call per group of this many; 1 = per image, slowest)."""
     mixup: float = 0.0
     """Mixup Beta(alpha, alpha) parameter; 0 disables it."""
     cutmix: float = 0.0

@@ -184,7 +184,8 @@ def build_data(config: TrainConfig, data_dir: str | Path, d: Dist, progress: boo
         data = load_in_memory(train_dir, config.image_size, strict=config.strict, progress=progress)
         augment = BatchAugment(config.image_size, crop=config.crop, crop_scale=config.crop_scale,
                                crop_pad=config.crop_pad, hflip=config.hflip, randaugment_n=config.randaugment_n,
-                               randaugment_m=config.randaugment_m, normalize=norm)
+                               randaugment_m=config.randaugment_m,
+                               randaugment_group=config.randaugment_group, normalize=norm)
         train = InMemoryBatches(data, augment, seed=config.seed, num_classes=num_classes, **mix)
         bad = list(data.bad)
         val = None
