@@ -151,9 +151,9 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
     (B, H, N, N) probabilities with batched matmuls, in fp32 where it matters (logits, softmax, their gradient).
 
     Used for bf16/fp16 training on CPU with short sequences, where PyTorch's fused flash-attention backward runs
-    at a fraction of the matmul rate: for the CIFAR model's 64 tokens (batch 128, 3 heads) forward+backward take
-    25 ms instead of 46 ms on 2 threads; at 197 tokens the fused kernel wins (41 vs 50 ms), hence the
-    ``_SHORT_SEQUENCE`` limit. It saves less than the fused kernel (q, k, v, without its output and log-sum-exp).
+    at a fraction of the matmul rate: forward+backward on 2 threads take 21.5 instead of 40.7 ms for the CIFAR
+    model's 64 tokens (batch 128, 4 heads) and 42.4 instead of 50.0 ms for ViT-S/16's 197 (batch 16, 6 heads).
+    Longer sequences keep the fused kernel (``_SHORT_SEQUENCE``): one sample's (N, N) temporaries grow as N^2. It saves less than the fused kernel (q, k, v, without its output and log-sum-exp).
     The backward walks the batch in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its (N, N)
     temporaries stay a few MB (whole-batch temporaries made the CIFAR model's training peak 8% above timm's) and
     stay in cache.
@@ -187,7 +187,7 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
 
 
 _BACKWARD_ELEMENTS = 2**18  # probabilities per backward slice: 1 MB in fp32
-_SHORT_SEQUENCE = 128
+_SHORT_SEQUENCE = 256  # measured faster than the fused backward at 64 and 197 tokens (docs/speed.md)
 
 
 def _use_reduced_precision_attention(q: torch.Tensor, dropout: float) -> bool:
