@@ -151,12 +151,13 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
     (B, H, N, N) probabilities with batched matmuls, in fp32 where it matters (logits, softmax, their gradient).
 
     Used for bf16/fp16 training on CPU with short sequences, where PyTorch's fused flash-attention backward runs
-    at a fraction of the matmul rate: forward+backward on 2 threads take 21.5 instead of 40.7 ms for the CIFAR
-    model's 64 tokens (batch 128, 4 heads) and 42.4 instead of 50.0 ms for ViT-S/16's 197 (batch 16, 6 heads).
-    Longer sequences keep the fused kernel (``_SHORT_SEQUENCE``): one sample's (N, N) temporaries grow as N^2. It saves less than the fused kernel (q, k, v, without its output and log-sum-exp).
-    The backward walks the batch in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its (N, N)
-    temporaries stay a few MB (whole-batch temporaries made the CIFAR model's training peak 8% above timm's) and
-    stay in cache.
+    at a fraction of the matmul rate: forward+backward on 2 threads take 14.8 instead of 41.2 ms for the CIFAR
+    model's 64 tokens (batch 128, 4 heads) and 33.4 instead of 44.1 ms for ViT-S/16's 197 (batch 16, 6 heads;
+    ``scripts/attention_backward_timing.py``). Longer sequences keep the fused kernel (``_SHORT_SEQUENCE``): one
+    sample's (N, N) temporaries grow as N^2. It saves less than the fused kernel (q, k, v, without its output and
+    log-sum-exp). The backward walks the batch in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its
+    (N, N) temporaries stay a few MB (whole-batch temporaries made the CIFAR model's training peak 8% above timm's)
+    and stay in cache.
     """
 
     @staticmethod
