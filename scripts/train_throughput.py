@@ -32,9 +32,8 @@ def time_loader(batches, epoch_len: int, global_batch: int, steps: int) -> float
 def main() -> None:
     from vitlab.data.folder import SafeImageFolder, load_in_memory, split_dirs
     from vitlab.data.loaders import FolderBatches, InMemoryBatches
-    from vitlab.data.transforms import BatchAugment, resolve_normalize, train_transform
     from vitlab.train import build_model, load_config
-    from vitlab.train.engine import build_optimizer, train_step
+    from vitlab.train.engine import batch_augment, build_optimizer, image_transform, train_step
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="small-scratch")
@@ -49,23 +48,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)
     train_dir, _ = split_dirs(args.data)
-    norm = resolve_normalize(cfg.normalize)
     out: dict = {"config": cfg.to_dict(), "threads": args.threads, "torch": torch.__version__,
                  "machine": platform.processor() or platform.machine(), "batch_size": cfg.batch_size}
 
     t = time.perf_counter()
     data = load_in_memory(train_dir, cfg.image_size)
     out["decode_img_per_s"] = len(data.labels) / (time.perf_counter() - t)
-    aug = BatchAugment(cfg.image_size, crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad,
-                       hflip=cfg.hflip, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-                       randaugment_group=cfg.randaugment_group, normalize=norm)
-    mem = InMemoryBatches(data, aug, seed=0, num_classes=len(data.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
+    mem = InMemoryBatches(data, batch_augment(cfg), seed=0, num_classes=len(data.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
                          mix_prob=cfg.mix_prob)
     out["loader_in_memory_img_per_s"] = time_loader(mem, mem.steps_per_epoch(cfg.batch_size), cfg.batch_size,
                                                     args.steps)
-    tf = train_transform(cfg.image_size, crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad,
-                         hflip=cfg.hflip, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-                         normalize=norm)
+    tf = image_transform(cfg)
     for workers in (0, args.threads):
         fb = FolderBatches(SafeImageFolder(train_dir, tf), seed=0, num_classes=len(data.classes), workers=workers,
                            global_batch=cfg.batch_size, mixup=cfg.mixup, cutmix=cfg.cutmix,

@@ -288,22 +288,18 @@ def data_pipeline(spec: BenchSpec, root: str | Path | None = None) -> dict:
     try:
         from vitlab.data.folder import SafeImageFolder, load_in_memory
         from vitlab.data.loaders import FolderBatches, InMemoryBatches
-        from vitlab.data.transforms import BatchAugment, resolve_normalize, train_transform
         from vitlab.train.config import load_config
+        from vitlab.train.engine import batch_augment, image_transform
     except ImportError as e:  # the training engineer's code; without it torchvision's ImageFolder is measured
         log.warning("vitlab.data/train unavailable (%s); measuring torchvision ImageFolder", e)
         return {**out, **_torchvision_pipeline(root, spec)}
     cfg = load_config("small-scratch")
-    norm = resolve_normalize(cfg.normalize)
     threads = torch.get_num_threads()
     start = time.perf_counter()
     data = load_in_memory(root, cfg.image_size, threads=threads)
     n = len(data.labels)
     out["decode_img_s"] = round(n / (time.perf_counter() - start), 1)
-    augment = BatchAugment(cfg.image_size, crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad,
-                           hflip=cfg.hflip, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-                           randaugment_group=cfg.randaugment_group, normalize=norm)
-    batches = InMemoryBatches(data, augment, seed=0, num_classes=len(data.classes))
+    batches = InMemoryBatches(data, batch_augment(cfg), seed=0, num_classes=len(data.classes))
     out["batch"] = batch = min(cfg.batch_size, n)
     steps = min(spec.data_batches, n // batch)
     start = time.perf_counter()
@@ -311,10 +307,7 @@ def data_pipeline(spec: BenchSpec, root: str | Path | None = None) -> dict:
         if i + 1 >= steps:
             break
     out["in_memory_augment_img_s"] = round(steps * batch / (time.perf_counter() - start), 1)
-    transform = train_transform(cfg.image_size, crop=cfg.crop, crop_scale=cfg.crop_scale, crop_pad=cfg.crop_pad,
-                                hflip=cfg.hflip, randaugment_n=cfg.randaugment_n,
-                                randaugment_m=cfg.randaugment_m, normalize=norm)
-    dataset = SafeImageFolder(root, transform, max_side=cfg.image_size)
+    dataset = SafeImageFolder(root, image_transform(cfg), max_side=cfg.image_size)
     stream = FolderBatches(dataset, seed=0, num_classes=len(data.classes), workers=threads, global_batch=batch)
     it = stream.epoch(0, 0, batch)
     next(it)  # worker start-up is not throughput

@@ -173,6 +173,20 @@ def _choose_in_memory(config: TrainConfig, train_dir: Path) -> bool:
     return estimate_bytes(len(samples), config.image_size) <= config.in_memory_max_mb * 2**20
 
 
+def batch_augment(config: TrainConfig) -> BatchAugment:
+    """The config's training augmentation for in-memory uint8 batches (also what the benchmarks time)."""
+    return BatchAugment(config.image_size, crop=config.crop, crop_scale=config.crop_scale, crop_pad=config.crop_pad,
+                        hflip=config.hflip, randaugment_n=config.randaugment_n, randaugment_m=config.randaugment_m,
+                        randaugment_group=config.randaugment_group, normalize=resolve_normalize(config.normalize))
+
+
+def image_transform(config: TrainConfig):
+    """The config's per-image training transform (streamed datasets, DataLoader workers)."""
+    return train_transform(config.image_size, crop=config.crop, crop_scale=config.crop_scale,
+                           crop_pad=config.crop_pad, hflip=config.hflip, randaugment_n=config.randaugment_n,
+                           randaugment_m=config.randaugment_m, normalize=resolve_normalize(config.normalize))
+
+
 def build_data(config: TrainConfig, data_dir: str | Path, d: Dist, progress: bool) -> RunData:
     train_dir, val_dir = split_dirs(data_dir)
     norm = resolve_normalize(config.normalize)
@@ -182,11 +196,7 @@ def build_data(config: TrainConfig, data_dir: str | Path, d: Dist, progress: boo
     mix = dict(mixup=config.mixup, cutmix=config.cutmix, mix_prob=config.mix_prob)
     if in_memory:
         data = load_in_memory(train_dir, config.image_size, strict=config.strict, progress=progress)
-        augment = BatchAugment(config.image_size, crop=config.crop, crop_scale=config.crop_scale,
-                               crop_pad=config.crop_pad, hflip=config.hflip, randaugment_n=config.randaugment_n,
-                               randaugment_m=config.randaugment_m,
-                               randaugment_group=config.randaugment_group, normalize=norm)
-        train = InMemoryBatches(data, augment, seed=config.seed, num_classes=num_classes, **mix)
+        train = InMemoryBatches(data, batch_augment(config), seed=config.seed, num_classes=num_classes, **mix)
         bad = list(data.bad)
         val = None
         if val_dir is not None:
@@ -195,11 +205,7 @@ def build_data(config: TrainConfig, data_dir: str | Path, d: Dist, progress: boo
             bad += vdata.bad
             val = MemoryEvalBatches(vdata, config.eval_batch_size, norm)
     else:
-        transform = train_transform(config.image_size, crop=config.crop, crop_scale=config.crop_scale,
-                                    crop_pad=config.crop_pad, hflip=config.hflip,
-                                    randaugment_n=config.randaugment_n, randaugment_m=config.randaugment_m,
-                                    normalize=norm)
-        dataset = SafeImageFolder(train_dir, transform, max_side=config.image_size)
+        dataset = SafeImageFolder(train_dir, image_transform(config), max_side=config.image_size)
         train = FolderBatches(dataset, seed=config.seed, num_classes=num_classes, workers=config.workers,
                               rank=d.rank, world=d.world, global_batch=config.batch_size, **mix)
         bad = []
