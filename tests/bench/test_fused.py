@@ -122,12 +122,32 @@ def test_reduced_precision_attention_backward_is_the_softmax_attention_gradient(
     from vitlab.model.layers import _ReducedPrecisionAttention
 
     monkeypatch.setattr(layers, "_BACKWARD_ELEMENTS", slice_elements)
+    monkeypatch.setattr(layers, "_FORWARD_ELEMENTS", slice_elements)
     base = torch.randn(5, 7, 3, 2, 8, dtype=torch.float64)  # B, N, 3, H, hd (5: the last slice is partial)
     grad = torch.randn(5, 2, 7, 8, dtype=torch.float64)
     out, g = _attention_grads(_ReducedPrecisionAttention.apply, base, grad)
     ref_out, ref_g = _attention_grads(torch.nn.functional.scaled_dot_product_attention, base, grad)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(g, ref_g)
+
+
+@pytest.mark.parametrize("batch,tokens,heads", [(8, 36, 4), (4, 64, 3), (2, 197, 6)])
+def test_sliced_attention_forward_bf16_error_is_that_of_the_fused_kernel(monkeypatch, batch, tokens, heads) -> None:
+    """The inference/training forward that replaces SDPA's CPU kernel for short bf16 sequences: on the model's
+    strided q, k, v views, in slices of two samples, its error against fp64 is the fused kernel's (both keep the
+    logits and softmax in fp32 and round the probabilities once)."""
+    from vitlab.model import layers
+
+    monkeypatch.setattr(layers, "_FORWARD_ELEMENTS", 2 * heads * tokens * tokens)
+    base = torch.randn(batch, tokens, 3, heads, 64).bfloat16()
+    q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)  # B, H, N, hd views, as Attention makes them
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ours = layers._sliced_attention(q, k, v)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert ours.dtype == torch.bfloat16 and ours.shape == fused.shape
+    err_ours = float((ours.double() - exact).norm() / exact.norm())
+    err_fused = float((fused.double() - exact).norm() / exact.norm())
+    assert err_ours <= 1.2 * err_fused, (err_ours, err_fused)
 
 
 @pytest.mark.parametrize("batch,tokens,heads", [(4, 64, 3), (2, 197, 6)])  # CIFAR-sized; ViT-S/16 at 224

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.train.tiny import make_folder
 from vitlab.data.folder import SafeImageFolder, load_in_memory, scan
-from vitlab.data.loaders import FolderBatches, InMemoryBatches
+from vitlab.data.loaders import FolderBatches, InMemoryBatches, Prefetch
 from vitlab.data.transforms import BatchAugment, train_transform
 
 
@@ -71,3 +72,39 @@ def test_folder_batches_skip_bad_files_and_match_across_workers(tmp_path):
     assert sum(len(y) for _, y, _ in outs[0]) == 48
     for (xa, ya, _), (xb, yb, _) in zip(*outs):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _numbered(n: int, produced: list[int], fail_at: int | None = None):
+    for i in range(n):
+        if i == fail_at:
+            raise ValueError(f"bad batch {i}")
+        produced.append(i)
+        yield (torch.full((2,), float(i)), i)
+
+
+def test_prefetch_yields_every_item_in_order():
+    produced: list[int] = []
+    with Prefetch(_numbered(20, produced), depth=3) as batches:
+        got = [(float(x[0]), i) for x, i in batches]
+    assert got == [(float(i), i) for i in range(20)] and produced == list(range(20))
+    assert batches.busy_s > 0
+
+
+def test_prefetch_raises_the_producers_error_at_its_item():
+    got = []
+    with pytest.raises(ValueError, match="bad batch 5"):
+        with Prefetch(_numbered(20, [], fail_at=5)) as batches:
+            for _, i in batches:
+                got.append(i)
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_prefetch_close_stops_the_producer_early():
+    produced: list[int] = []
+    batches = Prefetch(_numbered(1000, produced), depth=2)
+    for _, i in batches:
+        if i == 3:
+            break
+    batches.close()
+    assert not batches._thread.is_alive()
+    assert len(produced) <= 4 + 2 + 1  # consumed, queued, and the one in the producer's hands

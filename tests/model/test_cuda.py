@@ -94,3 +94,28 @@ def test_flash_attention_backward_matches_fp64_on_cuda() -> None:
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         err = float((p.grad.double().cpu() - q.grad).norm() / q.grad.norm().clamp_min(1e-12))
         assert err < 5e-2, name
+
+
+def test_autocast_inference_with_cached_weights_is_autocast_bit_for_bit() -> None:
+    """CUDA autocast inference casts the Dense weights once and keeps them (``_cuda_cast_dtype``): the logits
+    equal plain autocast's exactly, before and after a fused optimiser step changes the weights."""
+    import vitlab
+    from vitlab.model.layers import fused_cpu_inference
+
+    model = vitlab.create_model("ViT-Ti/16", num_classes=10, image_size=64, patch_size=8).cuda().eval()
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+
+    def logits(cached: bool) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16), fused_cpu_inference(cached):
+            return model(x)
+
+    first = logits(True)
+    assert model.blocks[0].attn.qkv._vitlab_cast.weight.dtype == torch.bfloat16  # the cached path ran
+    assert torch.equal(first, logits(False))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x).float().logsumexp(-1).mean().backward()
+    opt.step()
+    after = logits(True)
+    assert not torch.equal(after, first) and torch.equal(after, logits(False))

@@ -50,7 +50,11 @@ def test_bf16_evaluations_during_training_see_the_current_weights(data, tmp_path
     evals = [r for r in records if r.get("split") == "val"]
     assert len(evals) >= 3 and len({round(r["loss"], 6) for r in evals}) == len(evals)  # the model moved
     fresh = evaluate(vitlab.load(tmp_path / "run" / "model.safetensors"), data / "val", precision="bf16")
-    assert result["loss"] == pytest.approx(fresh["loss"], rel=1e-4) and result["top1"] == fresh["top1"]
+    # Equal up to bf16 rounding (measured 1.3e-4 relative), where stale weights would be off by as much as one
+    # epoch's training moves the loss (checked to be far larger).
+    moves = [abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(evals, evals[1:])]
+    assert min(moves[-2:]) > 1e-2
+    assert result["loss"] == pytest.approx(fresh["loss"], rel=1e-3) and result["top1"] == fresh["top1"]
 
 
 def test_weight_decay_only_on_matrices():

@@ -10,6 +10,9 @@ the process that happens to run it.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from typing import Iterator
 
 import torch
@@ -128,3 +131,72 @@ class FolderBatches:
                 x, y = self.mix(x, y, g)
             yield x, y, bad
 
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Prefetch:
+    """Iterate ``batches`` while a background thread produces the next ``depth`` items.
+
+    For a GPU: the training step waits for its loss each step, so without this the in-memory augmentation (CPU)
+    and the step (GPU) take turns, and the GPU sat idle half of a small model's run (H200, small-scratch recipe,
+    results/bench/gpu-h200). ``pin`` copies each tensor into page-locked memory so the step's host-to-device copy
+    can run asynchronously. Not for CPU training: the thread would compete with the step for the same cores, and
+    the augmentation seeds the process-wide CPU generator (``fork_rng``), which the CPU model's dropout draws from.
+    An exception raised by ``batches`` is raised by this iterator at the item where it happened; ``close`` (or
+    leaving a ``with`` block) stops the thread. ``busy_s`` is the producer's own time, for the loader's throughput.
+    """
+
+    def __init__(self, batches: Iterator[tuple], *, depth: int = 2, pin: bool = False) -> None:
+        self._items: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = object()
+        self._batches, self._pin = batches, pin
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._produce, name="vitlab-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            it = iter(self._batches)
+            while True:
+                start = time.perf_counter()
+                item = next(it, self._done)
+                if item is not self._done and self._pin:
+                    item = tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in item)
+                self.busy_s += time.perf_counter() - start
+                if not self._put(item) or item is self._done:
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(_Failure(e))
+
+    def __iter__(self) -> Iterator[tuple]:
+        while True:
+            item = self._items.get()
+            if item is self._done:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -17,7 +17,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 # addition (attention output and MLP output projections) fused into the matmul's epilogue: the same function,
 # but the activations are no longer re-read from memory by separate bias/GELU/add passes. This is what inductor's
 # freezing pass emits; doing it eagerly makes un-compiled vitlab inference faster (measured in docs/speed.md).
-# Training, autograd, torch.compile/export tracing and non-CPU devices take the plain PyTorch ops.
+# Training, autograd, torch.compile/export tracing and other devices take the plain PyTorch ops, except that
+# CUDA autocast inference reuses the cached low-precision weights (``_cuda_cast_dtype``).
 _FUSED_ENABLED = True
 
 
@@ -62,6 +63,24 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _cuda_cast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype when a CUDA inference forward may use cached low-precision weights, else None.
+
+    On a GPU, autocast casts every Dense weight and bias again on each forward: two extra kernels per layer,
+    which at batch 1 (launch-bound) cost ViT-S/16 more than timm's whole latency gap. With the weights cast once
+    (``_weights_as``), the layers compute bit for bit what autocast computes; only the casts are gone.
+    """
+    if not _FUSED_ENABLED or x.device.type != "cuda" or torch.is_grad_enabled():
+        return None
+    if not torch.is_autocast_enabled("cuda") or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None
+    return torch.get_autocast_dtype("cuda")
+
+
+def _cast_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    return F.linear(x, *_weights_as(linear, dtype))
+
+
 # Optimiser steps seen so far, by any torch.optim optimiser: part of the cache key below, because torch's fused
 # optimisers (``fused=True``, as vitlab's training uses) update parameters in place without bumping their version
 # counters, which would otherwise leave a stale bf16 copy in use after training steps.
@@ -77,20 +96,22 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _weights_as(linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's weight and bias for a ``dtype`` matmul. bf16 weights are kept on the layer, prepacked, until
-    the parameters change (version counter or storage): under autocast this also saves the cast autocast repeats
-    on every call (for ViT-B/16 it reads 344 MB and writes 172 MB per forward). The copy costs one bf16 copy of
-    the Dense weights while the model is used for bf16 inference."""
+    """The layer's weight and bias for a ``dtype`` matmul. Low-precision copies are kept on the layer (on the CPU
+    prepacked for oneDNN) until the parameters change (version counter, storage or an optimiser step): under
+    autocast this saves the cast autocast repeats on every call (for ViT-B/16 it reads 344 MB and writes 172 MB
+    per forward). The copy costs one bf16 copy of the Dense weights while the model is used for bf16 inference."""
     w, b = linear.weight, linear.bias
-    if dtype != torch.bfloat16:
-        return w, b  # fp32: oneDNN's fp32 matmul takes the plain layout at no cost
+    if dtype == torch.float32 or (w.dtype == dtype and w.device.type != "cpu"):
+        return w, b  # fp32: oneDNN's fp32 matmul takes the plain layout at no cost; a GPU needs no packing
     key = (dtype, _optimizer_steps, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
     cache = linear.__dict__.setdefault("_vitlab_cast", _CastCache())
     if cache.key != key:
-        # Stored in oneDNN's blocked layout, so the matmul does not reorder the weight on every call either
-        # (ViT-B/16 fc1 at 3152 tokens: 36.5 ms instead of 40.1 ms on 2 threads; results bit-identical).
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), None)
-        cache.key, cache.weight, cache.bias = key, packed, None if b is None else b.detach().to(dtype)
+        cast = w.detach().to(dtype)
+        if w.device.type == "cpu":
+            # Stored in oneDNN's blocked layout, so the matmul does not reorder the weight on every call either
+            # (ViT-B/16 fc1 at 3152 tokens: 36.5 ms instead of 40.1 ms on 2 threads; results bit-identical).
+            cast = torch.ops.mkldnn._reorder_linear_weight(cast, None)
+        cache.key, cache.weight, cache.bias = key, cast, None if b is None else b.detach().to(dtype)
     return cache.weight, cache.bias
 
 
@@ -146,14 +167,39 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # B, N, D (grid row-major, as the official code)
 
 
+def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for low-precision (B, H, N, hd) inputs on the CPU, as batched matmuls over
+    slices of the batch: logits and softmax in fp32 (the precision of SDPA's fused kernel, which accumulates in
+    fp32 too), probabilities rounded once for the matmul with ``v``.
+
+    On 2 threads this is faster than SDPA's CPU kernel at every shape vitlab runs: bf16 ViT-S/16 at batch 16,
+    8.3 vs 9.3 ms per layer; ViT-B/16 at batch 4, 3.7 vs 4.3 ms; the CIFAR model's 64 tokens at batch 128, 3.6 vs
+    4.4 ms, and 1.5 vs 2.5 ms at 36 tokens (``scripts/attention_backward_timing.py``, q, k and v as the strided
+    views the model makes). Slices of at most ``_FORWARD_ELEMENTS`` probabilities keep the (N, N) temporaries in
+    cache.
+    """
+    B, H, N, hd = q.shape
+    scale = hd**-0.5
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    step = max(1, _FORWARD_ELEMENTS // (H * N * N))
+    dense = torch.contiguous_format  # q, k, v are usually strided views of one qkv tensor; matmuls want them dense
+    for start in range(0, B, step):
+        s = slice(start, start + step)
+        qs, ks = (t[s].to(acc, memory_format=dense) for t in (q, k))
+        logits = torch.matmul(qs, ks.transpose(-2, -1)).mul_(scale)  # b, H, N, N
+        torch.matmul(torch.softmax(logits, dim=-1).to(q.dtype), v[s].contiguous(), out=out[s])
+    return out
+
+
 class _ReducedPrecisionAttention(torch.autograd.Function):
-    """Softmax attention (B, H, N, hd) whose forward is SDPA's fused kernel and whose backward recomputes the
+    """Softmax attention (B, H, N, hd) whose forward is ``_sliced_attention`` and whose backward recomputes the
     (B, H, N, N) probabilities with batched matmuls, in fp32 where it matters (logits, softmax, their gradient).
 
     Used for bf16/fp16 training on CPU with short sequences, where PyTorch's fused flash-attention backward runs
-    at a fraction of the matmul rate: forward+backward on 2 threads take 14.8 instead of 41.2 ms for the CIFAR
-    model's 64 tokens (batch 128, 4 heads) and 33.4 instead of 44.1 ms for ViT-S/16's 197 (batch 16, 6 heads;
-    ``scripts/attention_backward_timing.py``). Longer sequences keep the fused kernel (``_SHORT_SEQUENCE``): one
+    at a fraction of the matmul rate: forward+backward on 2 threads take 14.2 instead of 40.4 ms for the CIFAR
+    model's 64 tokens (batch 128, 4 heads), 6.4 instead of 33.7 ms at its 36 and 29.2 instead of 40.9 ms for
+    ViT-S/16's 197 (batch 16, 6 heads; ``scripts/attention_backward_timing.py``). Longer sequences keep the fused kernel (``_SHORT_SEQUENCE``): one
     sample's (N, N) temporaries grow as N^2. It saves less than the fused kernel (q, k, v, without its output and
     log-sum-exp). The backward walks the batch in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its
     (N, N) temporaries stay a few MB (whole-batch temporaries made the CIFAR model's training peak 8% above timm's)
@@ -163,7 +209,7 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v)
+        return _sliced_attention(q, k, v)
 
     @staticmethod
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,6 +234,7 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
 
 
 _BACKWARD_ELEMENTS = 2**18  # probabilities per backward slice: 1 MB in fp32
+_FORWARD_ELEMENTS = 2**18  # per forward slice; 2^20 measured about the same, 2^22 up to 2x slower
 _SHORT_SEQUENCE = 256  # measured faster than the fused backward at 64 and 197 tokens (docs/speed.md)
 
 
@@ -240,8 +287,19 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = _fused_linear(x, self.qkv, dtype).reshape(B, N, 3, self.num_heads, self.head_dim)  # B, N, 3, H, hd
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
-        o = F.scaled_dot_product_attention(q, k, v)  # B, H, N, hd
+        if dtype == torch.float32 or N > _SHORT_SEQUENCE:
+            o = F.scaled_dot_product_attention(q, k, v)  # B, H, N, hd
+        else:
+            o = _sliced_attention(q, k, v)
         return o.transpose(1, 2).reshape(B, N, D)  # B, N, D
+
+    def forward_cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``forward`` for CUDA autocast inference, with the Dense weights cast once (``_cuda_cast_dtype``)."""
+        B, N, D = x.shape
+        qkv = _cast_linear(x, self.qkv, dtype).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        return _cast_linear(o, self.proj, dtype)
 
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self._qkv(x)
@@ -265,6 +323,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    def forward_cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``forward`` for CUDA autocast inference, with the Dense weights cast once (``_cuda_cast_dtype``)."""
+        return _cast_linear(self.act(_cast_linear(x, self.fc1, dtype)), self.fc2, dtype)
 
     def hidden_fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """GELU(fc1(x)) as one fused oneDNN call (fused inference path)."""
@@ -307,6 +369,10 @@ class Block(nn.Module):
         if dtype is not None:
             x = _fused_linear_add(self.attn.attend_fused(self.norm1(x), dtype), self.attn.proj, x, dtype)
             return _fused_linear_add(self.mlp.hidden_fused(self.norm2(x), dtype), self.mlp.fc2, x, dtype)
+        cast = None if self.training else _cuda_cast_dtype(x)
+        if cast is not None:
+            x = x + self.attn.forward_cast(self.norm1(x), cast)
+            return x + self.mlp.forward_cast(self.norm2(x), cast)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

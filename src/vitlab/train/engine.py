@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from vitlab.data.folder import (BadSample, InMemoryImages, SafeImageFolder, estimate_bytes, load_in_memory, scan,
                                 split_dirs)
 from vitlab.data.images import BadImageError
-from vitlab.data.loaders import FolderBatches, InMemoryBatches, derive_seed
+from vitlab.data.loaders import FolderBatches, InMemoryBatches, Prefetch, derive_seed
 from vitlab.data.transforms import BatchAugment, resolve_normalize, train_transform
 from vitlab.model import VisionTransformer
 from vitlab.train.checkpoint import atomic_write, load_checkpoint, rng_states, save_checkpoint, set_rng_states
@@ -486,6 +486,8 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     train_time, images_seen, data_time = 0.0, 0, 0.0
+    # On a GPU the next batches are augmented while the step runs (Prefetch); on CPU they share the cores.
+    prefetch, loader_busy = d.device.type == "cuda", 0.0
     budget_s = config.budget_minutes * 60 if config.budget_minutes else None
     step_cap = total_steps
     resumed_elapsed = float(state.get("elapsed", 0.0)) if state is not None else 0.0
@@ -500,82 +502,90 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
         while not finished and step < total_steps and not stop["signal"]:
             epoch = step // spe
             batches = data.train.epoch(epoch, step % spe, config.batch_size, d.rank, d.world)
+            prefetcher = Prefetch(batches, pin=True) if prefetch else None
             t_data = time.perf_counter()
-            for x, y, bad in batches:
-                if bad:
-                    _record_bad(bad, bad_seen, run_dir, d, config.strict)
-                t0 = time.perf_counter()
-                data_time += t0 - t_data
-                low_res = config.low_res_size is not None and (
-                    time.perf_counter() - loop_start < config.low_res_fraction * budget_s if budget_s is not None
-                    else step < config.low_res_fraction * total_steps)
-                size = config.low_res_size if low_res else config.image_size
-                if current_size is not None and size != current_size:
-                    mark_at = step + 3  # measure the new phase's step rate, after recompiling
-                current_size = size
-                if budget_s is not None and step == mark_at:
-                    rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
-                if budget_s is not None and step - start_step >= 20 and step - rate_mark[0] >= 10:
-                    # Time-budget mode: re-estimate the schedule's length from the measured step rate; the rest of
-                    # a low-resolution phase runs at that rate, later full-resolution time at the rate scaled by
-                    # the token ratio.
-                    now = time.perf_counter()
-                    rate = (step - rate_mark[0]) / max(now - rate_mark[1], 1e-9)
-                    left = budget_s - (now - loop_start)
-                    future = rate * left
-                    if low_res:
-                        low_left = max(0.0, config.low_res_fraction * budget_s - (now - loop_start))
-                        future = rate * (low_left + (left - low_left) * (config.low_res_size / config.image_size) ** 2)
-                    total_steps = min(step_cap, max(step + 1, round(step + future)))
-                lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup, kind=config.schedule,
-                           min_lr=config.min_lr)
-                parts = list(zip(x.split(micro // d.world), y.split(micro // d.world))) if len(y) else []
-                if parts:
-                    try:
-                        last_loss, gnorm = train_step(train_model, optimizer, parts, config=config, device=d.device,
-                                                      step=step, rank=d.rank, lr=lr, image_size=size)
-                    except NonFiniteLossError:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - only the first compiled step may fall back
-                        if not compile_pending:
+            try:
+                for x, y, bad in prefetcher if prefetcher is not None else batches:
+                    if bad:
+                        _record_bad(bad, bad_seen, run_dir, d, config.strict)
+                    t0 = time.perf_counter()
+                    data_time += t0 - t_data
+                    low_res = config.low_res_size is not None and (
+                        time.perf_counter() - loop_start < config.low_res_fraction * budget_s if budget_s is not None
+                        else step < config.low_res_fraction * total_steps)
+                    size = config.low_res_size if low_res else config.image_size
+                    if current_size is not None and size != current_size:
+                        mark_at = step + 3  # measure the new phase's step rate, after recompiling
+                    current_size = size
+                    if budget_s is not None and step == mark_at:
+                        rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
+                    if budget_s is not None and step - start_step >= 20 and step - rate_mark[0] >= 10:
+                        # Time-budget mode: re-estimate the schedule's length from the measured step rate; the rest of
+                        # a low-resolution phase runs at that rate, later full-resolution time at the rate scaled by
+                        # the token ratio.
+                        now = time.perf_counter()
+                        rate = (step - rate_mark[0]) / max(now - rate_mark[1], 1e-9)
+                        left = budget_s - (now - loop_start)
+                        future = rate * left
+                        if low_res:
+                            low_left = max(0.0, config.low_res_fraction * budget_s - (now - loop_start))
+                            token_ratio = (config.low_res_size / config.image_size) ** 2
+                            future = rate * (low_left + (left - low_left) * token_ratio)
+                        total_steps = min(step_cap, max(step + 1, round(step + future)))
+                    lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup,
+                               kind=config.schedule, min_lr=config.min_lr)
+                    parts = list(zip(x.split(micro // d.world), y.split(micro // d.world))) if len(y) else []
+                    if parts:
+                        try:
+                            last_loss, gnorm = train_step(train_model, optimizer, parts, config=config, device=d.device,
+                                                          step=step, rank=d.rank, lr=lr, image_size=size)
+                        except NonFiniteLossError:
                             raise
-                        # No C++ toolchain, an unsupported op...: train eagerly rather than not at all.
-                        log.warning("torch.compile failed (%s: %s); continuing without it", type(e).__name__, e)
-                        optimizer.zero_grad(set_to_none=True)
-                        train_model = eager_model
-                        last_loss, gnorm = train_step(train_model, optimizer, parts, config=config,
-                                                      device=d.device, step=step, rank=d.rank, lr=lr,
-                                                      image_size=size)
-                    compile_pending = False
-                    if ema is not None:
-                        ema.update(model)
-                step += 1
-                dt = time.perf_counter() - t0
-                train_time += dt
-                images_seen += len(y) * d.world
-                if step % config.log_every == 0 or step == total_steps:
-                    ips = images_seen / max(train_time + data_time, 1e-9)
-                    metrics.write({"step": step, "epoch": round(step / spe, 4), "loss": last_loss, "lr": lr,
-                                   "grad_norm": gnorm if parts else None, "img_per_s": round(ips, 1),
-                                   "time": round(time.time(), 3)})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}",
-                                    img_s=f"{images_seen / max(train_time + data_time, 1e-9):.0f}")
-                done = step >= total_steps or (budget_s is not None and time.perf_counter() - loop_start >= budget_s)
-                if (eval_interval and step % eval_interval == 0 and not done):
-                    result_eval = run_eval()
-                    if result_eval is not None:
-                        metrics.write({"step": step, "epoch": round(step / spe, 4), "split": "val",
-                                       **{k: result_eval[k] for k in ("top1", "top5", "loss")}})
-                        log.info("step %d: val top1 %.2f%%", step, result_eval["top1"])
-                    checkpoint()
-                elif step % config.checkpoint_every == 0 and not done:
-                    checkpoint()
-                if done or stop["signal"]:
-                    finished = done
-                    break
-                t_data = time.perf_counter()
+                        except Exception as e:  # noqa: BLE001 - only the first compiled step may fall back
+                            if not compile_pending:
+                                raise
+                            # No C++ toolchain, an unsupported op...: train eagerly rather than not at all.
+                            log.warning("torch.compile failed (%s: %s); continuing without it", type(e).__name__, e)
+                            optimizer.zero_grad(set_to_none=True)
+                            train_model = eager_model
+                            last_loss, gnorm = train_step(train_model, optimizer, parts, config=config,
+                                                          device=d.device, step=step, rank=d.rank, lr=lr,
+                                                          image_size=size)
+                        compile_pending = False
+                        if ema is not None:
+                            ema.update(model)
+                    step += 1
+                    dt = time.perf_counter() - t0
+                    train_time += dt
+                    images_seen += len(y) * d.world
+                    if step % config.log_every == 0 or step == total_steps:
+                        ips = images_seen / max(train_time + data_time, 1e-9)
+                        metrics.write({"step": step, "epoch": round(step / spe, 4), "loss": last_loss, "lr": lr,
+                                       "grad_norm": gnorm if parts else None, "img_per_s": round(ips, 1),
+                                       "time": round(time.time(), 3)})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}",
+                                        img_s=f"{images_seen / max(train_time + data_time, 1e-9):.0f}")
+                    done = step >= total_steps or (budget_s is not None
+                                                   and time.perf_counter() - loop_start >= budget_s)
+                    if (eval_interval and step % eval_interval == 0 and not done):
+                        result_eval = run_eval()
+                        if result_eval is not None:
+                            metrics.write({"step": step, "epoch": round(step / spe, 4), "split": "val",
+                                           **{k: result_eval[k] for k in ("top1", "top5", "loss")}})
+                            log.info("step %d: val top1 %.2f%%", step, result_eval["top1"])
+                        checkpoint()
+                    elif step % config.checkpoint_every == 0 and not done:
+                        checkpoint()
+                    if done or stop["signal"]:
+                        finished = done
+                        break
+                    t_data = time.perf_counter()
+            finally:
+                if prefetcher is not None:
+                    prefetcher.close()
+                    loader_busy += prefetcher.busy_s
         if stop["signal"]:
             interrupted = True
             checkpoint()
@@ -591,7 +601,9 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                               "train_loss": last_loss, "interrupted": interrupted,
                               "train_img_per_s": images_seen / max(train_time + data_time, 1e-9) if images_seen else None,
                               "data_wait_fraction": data_time / max(train_time + data_time, 1e-9) if images_seen else None,
-                              "loader_img_per_s": images_seen / data_time if data_time > 0 else None,
+                              # The loader's own rate: its busy time when prefetching, else the wait for it.
+                              "loader_img_per_s": (images_seen / loader_busy if loader_busy > 0 else None) if prefetch
+                              else (images_seen / data_time if data_time > 0 else None),
                               "train_seconds": train_time + data_time, "in_memory": data.in_memory,
                               "world_size": d.world, "skipped_images": len(bad_seen)}
     if interrupted:
