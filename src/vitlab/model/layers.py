@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,7 @@ def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
     On 2 threads this is faster than SDPA's CPU kernel at every shape vitlab runs: bf16 ViT-S/16 at batch 16,
     8.3 vs 9.3 ms per layer; ViT-B/16 at batch 4, 3.7 vs 4.3 ms; the CIFAR model's 64 tokens at batch 128, 3.6 vs
-    4.4 ms, and 1.5 vs 2.5 ms at 36 tokens (``scripts/attention_backward_timing.py``, q, k and v as the strided
+    4.4 ms, and 1.5 vs 2.5 ms at 36 tokens (``scripts/attention_timing.py``, q, k and v as the strided
     views the model makes). Slices of at most ``_FORWARD_ELEMENTS`` probabilities keep the (N, N) temporaries in
     cache.
     """
@@ -199,11 +199,11 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
     Used for bf16/fp16 training on CPU with short sequences, where PyTorch's fused flash-attention backward runs
     at a fraction of the matmul rate: forward+backward on 2 threads take 14.2 instead of 40.4 ms for the CIFAR
     model's 64 tokens (batch 128, 4 heads), 6.4 instead of 33.7 ms at its 36 and 29.2 instead of 40.9 ms for
-    ViT-S/16's 197 (batch 16, 6 heads; ``scripts/attention_backward_timing.py``). Longer sequences keep the fused kernel (``_SHORT_SEQUENCE``): one
-    sample's (N, N) temporaries grow as N^2. It saves less than the fused kernel (q, k, v, without its output and
-    log-sum-exp). The backward walks the batch in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its
-    (N, N) temporaries stay a few MB (whole-batch temporaries made the CIFAR model's training peak 8% above timm's)
-    and stay in cache.
+    ViT-S/16's 197 (batch 16, 6 heads; ``scripts/attention_timing.py``). Longer sequences keep the fused kernel
+    (``_SHORT_SEQUENCE``): one sample's (N, N) temporaries grow as N^2. It saves less than the fused kernel (q, k,
+    v, without its output and log-sum-exp). The backward walks the batch in slices of at most
+    ``_BACKWARD_ELEMENTS`` probabilities, so its (N, N) temporaries stay a few MB (whole-batch temporaries made
+    the CIFAR model's training peak 8% above timm's) and stay in cache.
     """
 
     @staticmethod
@@ -238,9 +238,13 @@ _FORWARD_ELEMENTS = 2**18  # per forward slice; 2^20 measured about the same, 2^
 _SHORT_SEQUENCE = 256  # measured faster than the fused backward at 64 and 197 tokens (docs/speed.md)
 
 
+def _short_low_precision_on_cpu(q: torch.Tensor) -> bool:
+    """Whether vitlab's sliced attention beats SDPA's CPU kernel for ``q`` (B, H, N, hd)."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= _SHORT_SEQUENCE
+
+
 def _use_reduced_precision_attention(q: torch.Tensor, dropout: float) -> bool:
-    return (dropout == 0.0 and q.requires_grad and torch.is_grad_enabled() and q.device.type == "cpu"
-            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= _SHORT_SEQUENCE
+    return (dropout == 0.0 and q.requires_grad and torch.is_grad_enabled() and _short_low_precision_on_cpu(q)
             # torch.compile traces the Function too (compiled CIFAR bf16 training step 3.61 s vs 4.29 s with
             # the fused kernel's backward); export keeps the standard op.
             and not torch.compiler.is_exporting())
@@ -264,9 +268,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.proj_drop = nn.Dropout(dropout)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (each B, H, N, hd) from ``project`` (default ``self.qkv``; the inference paths pass theirs)."""
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # B, N, 3, H, hd
+        qkv = (project or self.qkv)(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # B, N, 3, H, hd
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
         return q, k, v
 
@@ -282,24 +288,20 @@ class Attention(nn.Module):
             return self._out(_ReducedPrecisionAttention.apply(q, k, v))
         return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=p))
 
-    def attend_fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The fused-inference attention up to (not including) the output projection: (B, N, D) heads merged."""
+    def _attend_no_grad(self, x: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Inference attention up to (not including) the output projection: (B, N, D), heads merged."""
         B, N, D = x.shape
-        qkv = _fused_linear(x, self.qkv, dtype).reshape(B, N, 3, self.num_heads, self.head_dim)  # B, N, 3, H, hd
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
-        if dtype == torch.float32 or N > _SHORT_SEQUENCE:
-            o = F.scaled_dot_product_attention(q, k, v)  # B, H, N, hd
-        else:
-            o = _sliced_attention(q, k, v)
-        return o.transpose(1, 2).reshape(B, N, D)  # B, N, D
+        q, k, v = self._qkv(x, project)
+        o = _sliced_attention(q, k, v) if _short_low_precision_on_cpu(q) else F.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).reshape(B, N, D)
+
+    def attend_fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The fused-CPU-inference attention up to (not including) the output projection."""
+        return self._attend_no_grad(x, lambda t: _fused_linear(t, self.qkv, dtype))
 
     def forward_cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``forward`` for CUDA autocast inference, with the Dense weights cast once (``_cuda_cast_dtype``)."""
-        B, N, D = x.shape
-        qkv = _cast_linear(x, self.qkv, dtype).reshape(B, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
-        return _cast_linear(o, self.proj, dtype)
+        return _cast_linear(self._attend_no_grad(x, lambda t: _cast_linear(t, self.qkv, dtype)), self.proj, dtype)
 
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self._qkv(x)

@@ -3,7 +3,7 @@ backward of SDPA's fused kernel against vitlab's ``_ReducedPrecisionAttention`` 
 backward) at several backward slice sizes, and the inference forward alone, SDPA against ``_sliced_attention`` at
 several forward slice sizes. Writes JSON.
 
-    python scripts/attention_backward_timing.py --out results/bench/attention_backward.json [--threads 2]
+    python scripts/attention_timing.py --out results/bench/attention.json [--threads 2]
 """
 
 from __future__ import annotations
