@@ -132,8 +132,9 @@ class FolderBatches:
             yield x, y, bad
 
 
-
 class _Failure:
+    """An exception raised in the producer thread, carried to the consumer."""
+
     def __init__(self, error: BaseException) -> None:
         self.error = error
 
