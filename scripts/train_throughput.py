@@ -54,8 +54,8 @@ def main() -> None:
     t = time.perf_counter()
     data = load_in_memory(train_dir, cfg.image_size)
     out["decode_img_per_s"] = len(data.labels) / (time.perf_counter() - t)
-    mem = InMemoryBatches(data, batch_augment(cfg), seed=0, num_classes=len(data.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
-                         mix_prob=cfg.mix_prob)
+    mem = InMemoryBatches(data, batch_augment(cfg), seed=0, num_classes=len(data.classes), mixup=cfg.mixup,
+                          cutmix=cfg.cutmix, mix_prob=cfg.mix_prob)
     out["loader_in_memory_img_per_s"] = time_loader(mem, mem.steps_per_epoch(cfg.batch_size), cfg.batch_size,
                                                     args.steps)
     tf = image_transform(cfg)

@@ -44,12 +44,17 @@ def _onednn_ops_available() -> bool:
 _ONEDNN = _onednn_ops_available()
 
 
+def _eager_inference() -> bool:
+    """Whether the inference fast paths may run: switched on, no autograd, and not being traced (inductor and the
+    exporter must see ordinary ops)."""
+    return (_FUSED_ENABLED and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
+
+
 def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype the fused path computes in for input ``x``, or None when the plain ops must run."""
-    if not (_FUSED_ENABLED and _ONEDNN) or torch.is_grad_enabled() or x.device.type != "cpu":
+    if not (_ONEDNN and x.device.type == "cpu" and _eager_inference()):
         return None
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return None  # let inductor / the exporter see ordinary ops
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         if dtype != torch.bfloat16:
@@ -70,11 +75,9 @@ def _cuda_cast_dtype(x: torch.Tensor) -> torch.dtype | None:
     which at batch 1 (launch-bound) cost ViT-S/16 more than timm's whole latency gap. With the weights cast once
     (``_weights_as``), the layers compute bit for bit what autocast computes; only the casts are gone.
     """
-    if not _FUSED_ENABLED or x.device.type != "cuda" or torch.is_grad_enabled():
-        return None
-    if not torch.is_autocast_enabled("cuda") or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return None
-    return torch.get_autocast_dtype("cuda")
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and _eager_inference():
+        return torch.get_autocast_dtype("cuda")
+    return None
 
 
 def _cast_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
