@@ -253,3 +253,30 @@ def test_low_resolution_phase_then_full_resolution(data, tmp_path, monkeypatch):
     assert result["step"] == 10 and vitlab.load(tmp_path / "run" / "model.safetensors").config.image_hw == (16, 16)
     with pytest.raises(ValueError, match="low_res_size must be in"):
         load_config(None, tiny_overrides(low_res_size=32))
+
+
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_mixing_stops_for_the_final_share_of_the_run(data, tmp_path, monkeypatch, in_memory):
+    """With ``mix_off_fraction=0.5`` the last half of the steps train on exactly the batches of a run without
+    mixing (same images, class-index targets); the first half on mixed ones."""
+    seen = []
+    original = engine.train_step
+
+    def spy(model, optimizer, parts, **kwargs):
+        seen.append((torch.cat([x for x, _ in parts]).clone(), torch.cat([y for _, y in parts]).clone()))
+        return original(model, optimizer, parts, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", spy)
+    common = dict(steps=6, in_memory=in_memory, randaugment_n=0)
+    train(load_config(None, tiny_overrides(mixup=1.0, mix_off_fraction=0.5, **common)), data, tmp_path / "mixed")
+    mixed, seen[:] = list(seen), []
+    train(load_config(None, tiny_overrides(**common)), data, tmp_path / "plain")
+    plain = list(seen)
+    assert len(mixed) == len(plain) == 6
+    for (xm, ym), (xp, yp) in zip(mixed[:3], plain[:3]):
+        assert ym.dtype == torch.float32 and ym.shape == (len(yp), 3)
+        assert (ym.amax(1) < 1).any() and not torch.equal(xm, xp)  # blended targets (same-class pairs stay 1)
+    for (xm, ym), (xp, yp) in zip(mixed[3:], plain[3:]):
+        assert torch.equal(xm, xp) and torch.equal(ym, yp) and ym.dtype == torch.int64
+    with pytest.raises(ValueError, match="mix_off_fraction must be in"):
+        load_config(None, tiny_overrides(mix_off_fraction=1.5))

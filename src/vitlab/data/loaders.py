@@ -55,6 +55,8 @@ class InMemoryBatches:
         self.augment = augment
         self.seed = seed
         self.mix = make_mix(num_classes, mixup, cutmix, mix_prob)
+        self.mixing = True
+        """Set False to stop mixing from the next batch drawn (the engine's ``mix_off_fraction``)."""
 
     @property
     def num_samples(self) -> int:
@@ -74,7 +76,7 @@ class InMemoryBatches:
             # pixels one process would; then keep this rank's slice.
             x = self.augment(self.data.images[idx], g)
             y = self.data.labels[idx]
-            if self.mix is not None:
+            if self.mix is not None and self.mixing:
                 x, y = self.mix(x, y, g)
             yield x[part], y[part], []
 
@@ -113,6 +115,7 @@ class FolderBatches:
                                  collate_fn=collate_skip_bad, persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
         self.mix = make_mix(num_classes, mixup, cutmix, mix_prob)
+        self.mixing = True
 
     @property
     def num_samples(self) -> int:
@@ -126,7 +129,7 @@ class FolderBatches:
         assert (global_batch, rank, world) == (self.global_batch, self.rank, self.world)
         self.sampler.set_epoch(epoch, start_step)
         for k, (x, y, bad) in enumerate(self.loader, start=start_step):
-            if self.mix is not None and len(y):
+            if self.mix is not None and self.mixing and len(y):
                 g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, k, rank, 4))
                 x, y = self.mix(x, y, g)
             yield x, y, bad

@@ -95,6 +95,9 @@ class TrainConfig:
     cutmix: float = 0.0
     """CutMix Beta(alpha, alpha) parameter; 0 disables it. With both on, one of the two is drawn per batch."""
     mix_prob: float = 1.0
+    mix_off_fraction: float = 0.0
+    """The last share of the run (of the steps, or of the wall-clock budget with ``budget_minutes``) trains without
+    mixup/cutmix, on the clean targets, so the model ends on the images it will be tested on."""
     normalize: Literal["auto", "official", "imagenet", "none"] = "auto"
     """``official``: pixels to [-1, 1] as the official checkpoints; ``imagenet``: mean/std; ``auto``: official."""
     ema_decay: float = 0.0
@@ -132,6 +135,8 @@ class TrainConfig:
             raise ValueError("epochs must be positive (or set steps)")
         if not 0.0 <= self.low_res_fraction <= 1.0:
             raise ValueError(f"low_res_fraction must be in [0, 1], got {self.low_res_fraction}")
+        if not 0.0 <= self.mix_off_fraction <= 1.0:
+            raise ValueError(f"mix_off_fraction must be in [0, 1], got {self.mix_off_fraction}")
         if self.low_res_size is not None and not 0 < self.low_res_size <= self.image_size:
             raise ValueError(f"low_res_size must be in (0, image_size={self.image_size}], got {self.low_res_size}")
 

@@ -498,6 +498,17 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     current_size, mark_at = None, start_step + 10
     last_loss, result_eval, gnorm = float("nan"), None, None
     interrupted = False
+
+    def run_fraction() -> float:
+        """How far the run is: of the wall-clock budget, or of the steps."""
+        if budget_s is not None:
+            return (time.perf_counter() - loop_start) / budget_s
+        return step / total_steps
+
+    def set_mixing() -> None:
+        data.train.mixing = run_fraction() < 1.0 - config.mix_off_fraction
+
+    set_mixing()
     try:
         while not finished and step < total_steps and not stop["signal"]:
             epoch = step // spe
@@ -510,9 +521,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                         _record_bad(bad, bad_seen, run_dir, d, config.strict)
                     t0 = time.perf_counter()
                     data_time += t0 - t_data
-                    low_res = config.low_res_size is not None and (
-                        time.perf_counter() - loop_start < config.low_res_fraction * budget_s if budget_s is not None
-                        else step < config.low_res_fraction * total_steps)
+                    low_res = config.low_res_size is not None and run_fraction() < config.low_res_fraction
                     size = config.low_res_size if low_res else config.image_size
                     if current_size is not None and size != current_size:
                         mark_at = step + 3  # measure the new phase's step rate, after recompiling
@@ -555,6 +564,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                         if ema is not None:
                             ema.update(model)
                     step += 1
+                    set_mixing()  # before the next batch is drawn
                     dt = time.perf_counter() - t0
                     train_time += dt
                     images_seen += len(y) * d.world
