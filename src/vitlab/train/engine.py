@@ -463,7 +463,8 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                           "lr": lr_at(max(step - 1, 0), total_steps=total_steps, peak=config.lr,
                                       warmup_steps=warmup, kind=config.schedule, min_lr=config.min_lr)},
             "ema": ema.state if ema is not None else {},
-            "rng": rng_states(), "elapsed": time.perf_counter() - loop_start, "step": step, "epoch": step / spe, "config": config.to_dict(),
+            "rng": rng_states(), "elapsed": time.perf_counter() - loop_start, "step": step, "epoch": step / spe,
+            "config": config.to_dict(),
             "classes": data.classes, "bad": [[b.path, b.reason] for b in bad_seen],
         })
 
@@ -487,12 +488,11 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     train_time, images_seen, data_time = 0.0, 0, 0.0
     # On a GPU the next batches are augmented while the step runs (Prefetch); on CPU they share the cores.
-    prefetch, loader_busy = d.device.type == "cuda", 0.0
+    prefetch, loader_busy = d.device.type == "cuda", [0.0]
     budget_s = config.budget_minutes * 60 if config.budget_minutes else None
     step_cap = total_steps
     resumed_elapsed = float(state.get("elapsed", 0.0)) if state is not None else 0.0
     loop_start = time.perf_counter() - resumed_elapsed
-    finished = False
     start_step = step
     rate_mark = (step, loop_start)
     current_size, mark_at = None, start_step + 10
@@ -508,112 +508,96 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     def set_mixing() -> None:
         data.train.mixing = run_fraction() < 1.0 - config.mix_off_fraction
 
+    def optimizer_step(parts: list, lr: float, size: int) -> tuple[float, float]:
+        nonlocal train_model, compile_pending
+        try:
+            result = train_step(train_model, optimizer, parts, config=config, device=d.device, step=step,
+                                rank=d.rank, lr=lr, image_size=size)
+        except NonFiniteLossError:
+            raise
+        except Exception as e:  # noqa: BLE001 - only the first compiled step may fall back
+            if not compile_pending:
+                raise
+            # No C++ toolchain, an unsupported op...: train eagerly rather than not at all.
+            log.warning("torch.compile failed (%s: %s); continuing without it", type(e).__name__, e)
+            optimizer.zero_grad(set_to_none=True)
+            train_model = eager_model
+            result = train_step(train_model, optimizer, parts, config=config, device=d.device, step=step,
+                                rank=d.rank, lr=lr, image_size=size)
+        compile_pending = False
+        if ema is not None:
+            ema.update(model)
+        return result
+
     set_mixing()
+    stream = _batch_stream(data.train, spe, step, config.batch_size, d, prefetch, loader_busy)
     try:
-        while not finished and step < total_steps and not stop["signal"]:
-            epoch = step // spe
-            batches = data.train.epoch(epoch, step % spe, config.batch_size, d.rank, d.world)
-            prefetcher = Prefetch(batches, pin=True) if prefetch else None
+        while step < total_steps and not stop["signal"]:
             t_data = time.perf_counter()
-            try:
-                for x, y, bad in prefetcher if prefetcher is not None else batches:
-                    if bad:
-                        _record_bad(bad, bad_seen, run_dir, d, config.strict)
-                    t0 = time.perf_counter()
-                    data_time += t0 - t_data
-                    low_res = config.low_res_size is not None and run_fraction() < config.low_res_fraction
-                    size = config.low_res_size if low_res else config.image_size
-                    if current_size is not None and size != current_size:
-                        mark_at = step + 3  # measure the new phase's step rate, after recompiling
-                    current_size = size
-                    if budget_s is not None and step == mark_at:
-                        rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
-                    if budget_s is not None and step - start_step >= 20 and step - rate_mark[0] >= 10:
-                        # Time-budget mode: re-estimate the schedule's length from the measured step rate; the rest of
-                        # a low-resolution phase runs at that rate, later full-resolution time at the rate scaled by
-                        # the token ratio.
-                        now = time.perf_counter()
-                        rate = (step - rate_mark[0]) / max(now - rate_mark[1], 1e-9)
-                        left = budget_s - (now - loop_start)
-                        future = rate * left
-                        if low_res:
-                            low_left = max(0.0, config.low_res_fraction * budget_s - (now - loop_start))
-                            token_ratio = (config.low_res_size / config.image_size) ** 2
-                            future = rate * (low_left + (left - low_left) * token_ratio)
-                        total_steps = min(step_cap, max(step + 1, round(step + future)))
-                    lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup,
-                               kind=config.schedule, min_lr=config.min_lr)
-                    parts = list(zip(x.split(micro // d.world), y.split(micro // d.world))) if len(y) else []
-                    if parts:
-                        try:
-                            last_loss, gnorm = train_step(train_model, optimizer, parts, config=config, device=d.device,
-                                                          step=step, rank=d.rank, lr=lr, image_size=size)
-                        except NonFiniteLossError:
-                            raise
-                        except Exception as e:  # noqa: BLE001 - only the first compiled step may fall back
-                            if not compile_pending:
-                                raise
-                            # No C++ toolchain, an unsupported op...: train eagerly rather than not at all.
-                            log.warning("torch.compile failed (%s: %s); continuing without it", type(e).__name__, e)
-                            optimizer.zero_grad(set_to_none=True)
-                            train_model = eager_model
-                            last_loss, gnorm = train_step(train_model, optimizer, parts, config=config,
-                                                          device=d.device, step=step, rank=d.rank, lr=lr,
-                                                          image_size=size)
-                        compile_pending = False
-                        if ema is not None:
-                            ema.update(model)
-                    step += 1
-                    set_mixing()  # before the next batch is drawn
-                    dt = time.perf_counter() - t0
-                    train_time += dt
-                    images_seen += len(y) * d.world
-                    if step % config.log_every == 0 or step == total_steps:
-                        ips = images_seen / max(train_time + data_time, 1e-9)
-                        metrics.write({"step": step, "epoch": round(step / spe, 4), "loss": last_loss, "lr": lr,
-                                       "grad_norm": gnorm if parts else None, "img_per_s": round(ips, 1),
-                                       "time": round(time.time(), 3)})
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}",
-                                        img_s=f"{images_seen / max(train_time + data_time, 1e-9):.0f}")
-                    done = step >= total_steps or (budget_s is not None
-                                                   and time.perf_counter() - loop_start >= budget_s)
-                    if (eval_interval and step % eval_interval == 0 and not done):
-                        result_eval = run_eval()
-                        if result_eval is not None:
-                            metrics.write({"step": step, "epoch": round(step / spe, 4), "split": "val",
-                                           **{k: result_eval[k] for k in ("top1", "top5", "loss")}})
-                            log.info("step %d: val top1 %.2f%%", step, result_eval["top1"])
-                        checkpoint()
-                    elif step % config.checkpoint_every == 0 and not done:
-                        checkpoint()
-                    if done or stop["signal"]:
-                        finished = done
-                        break
-                    t_data = time.perf_counter()
-            finally:
-                if prefetcher is not None:
-                    prefetcher.close()
-                    loader_busy += prefetcher.busy_s
+            x, y, bad = next(stream)
+            if bad:
+                _record_bad(bad, bad_seen, run_dir, d, config.strict)
+            t0 = time.perf_counter()
+            data_time += t0 - t_data
+            low_res = config.low_res_size is not None and run_fraction() < config.low_res_fraction
+            size = config.low_res_size if low_res else config.image_size
+            if current_size is not None and size != current_size:
+                mark_at = step + 3  # measure the new phase's step rate, after recompiling
+            current_size = size
+            if budget_s is not None and step == mark_at:
+                rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
+            if budget_s is not None and step - start_step >= 20 and step - rate_mark[0] >= 10:
+                total_steps = min(step_cap, _budget_steps(config, step, rate_mark, time.perf_counter() - loop_start,
+                                                          budget_s, low_res))
+            lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup, kind=config.schedule,
+                       min_lr=config.min_lr)
+            parts = list(zip(x.split(micro // d.world), y.split(micro // d.world))) if len(y) else []
+            if parts:
+                last_loss, gnorm = optimizer_step(parts, lr, size)
+            step += 1
+            set_mixing()  # before the next batch is drawn
+            train_time += time.perf_counter() - t0
+            images_seen += len(y) * d.world
+            ips = images_seen / max(train_time + data_time, 1e-9)
+            if step % config.log_every == 0 or step == total_steps:
+                metrics.write({"step": step, "epoch": round(step / spe, 4), "loss": last_loss, "lr": lr,
+                               "grad_norm": gnorm if parts else None, "img_per_s": round(ips, 1),
+                               "time": round(time.time(), 3)})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            done = step >= total_steps or (budget_s is not None and time.perf_counter() - loop_start >= budget_s)
+            if done:
+                break
+            if eval_interval and step % eval_interval == 0:
+                result_eval = run_eval()
+                if result_eval is not None:
+                    metrics.write({"step": step, "epoch": round(step / spe, 4), "split": "val",
+                                   **{k: result_eval[k] for k in ("top1", "top5", "loss")}})
+                    log.info("step %d: val top1 %.2f%%", step, result_eval["top1"])
+                checkpoint()
+            elif step % config.checkpoint_every == 0:
+                checkpoint()
         if stop["signal"]:
             interrupted = True
             checkpoint()
             log.warning("received signal %s: checkpoint saved at step %d in %s; continue with --resume",
                         stop["signal"], step, run_dir / CHECKPOINT)
     finally:
+        stream.close()  # closes an epoch's prefetcher, adding its busy time to loader_busy
         if bar is not None:
             bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
+    loop_s = max(train_time + data_time, 1e-9)
+    # The loader's own rate: its busy time when prefetching, else the wait for it.
+    loader_s = loader_busy[0] if prefetch else data_time
     result: dict[str, Any] = {"step": step, "total_steps": total_steps, "epochs": step / spe,
                               "train_loss": last_loss, "interrupted": interrupted,
-                              "train_img_per_s": images_seen / max(train_time + data_time, 1e-9) if images_seen else None,
-                              "data_wait_fraction": data_time / max(train_time + data_time, 1e-9) if images_seen else None,
-                              # The loader's own rate: its busy time when prefetching, else the wait for it.
-                              "loader_img_per_s": (images_seen / loader_busy if loader_busy > 0 else None) if prefetch
-                              else (images_seen / data_time if data_time > 0 else None),
+                              "train_img_per_s": images_seen / loop_s if images_seen else None,
+                              "data_wait_fraction": data_time / loop_s if images_seen else None,
+                              "loader_img_per_s": images_seen / loader_s if loader_s > 0 else None,
                               "train_seconds": train_time + data_time, "in_memory": data.in_memory,
                               "world_size": d.world, "skipped_images": len(bad_seen)}
     if interrupted:
@@ -643,6 +627,40 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     if d.world > 1:
         dist.barrier()
     return result
+
+
+def _batch_stream(train_data: Any, spe: int, start_step: int, global_batch: int, d: Dist, prefetch: bool,
+                  busy: list[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[BadSample]]]:
+    """The training batches from ``start_step`` on, one per optimiser step, across epochs. With ``prefetch`` (GPU)
+    each epoch's batches are produced by a :class:`Prefetch` thread, whose busy time is added to ``busy[0]``."""
+    step = start_step
+    while True:
+        batches = train_data.epoch(step // spe, step % spe, global_batch, d.rank, d.world)
+        prefetcher = Prefetch(batches, pin=True) if prefetch else None
+        try:
+            for item in prefetcher if prefetcher is not None else batches:
+                step += 1
+                yield item
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+                busy[0] += prefetcher.busy_s
+
+
+def _budget_steps(config: TrainConfig, step: int, rate_mark: tuple[int, float], elapsed: float, budget_s: float,
+                  low_res: bool) -> int:
+    """Time-budget mode: the schedule's length re-estimated from the step rate measured since ``rate_mark``
+    (step, perf_counter time). The rest of a low-resolution phase runs at that rate, the full-resolution time after
+    it at the rate scaled by the token ratio."""
+    now = time.perf_counter()
+    rate = (step - rate_mark[0]) / max(now - rate_mark[1], 1e-9)
+    left = budget_s - elapsed
+    future = rate * left
+    if low_res:
+        low_left = max(0.0, config.low_res_fraction * budget_s - elapsed)
+        token_ratio = (config.low_res_size / config.image_size) ** 2
+        future = rate * (low_left + (left - low_left) * token_ratio)
+    return max(step + 1, round(step + future))
 
 
 def _in_main_thread() -> bool:
