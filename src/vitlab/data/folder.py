@@ -20,6 +20,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.transforms import v2
 
 from vitlab.data.images import IMG_EXTENSIONS, BadImageError, load_rgb
+from vitlab.data.transforms import seeded_global_rng
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ class SafeImageFolder(Dataset):
                 img = self.transform(img)
             else:
                 # v2 transforms draw from the global RNG; seed it locally for a per-sample reproducible result.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                with seeded_global_rng(seed):
                     img = self.transform(img)
         return img, label
 

@@ -8,8 +8,10 @@ so on a CPU the cores stay busy with the model instead of per-image Python.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 import torch
 from torchvision.transforms import v2
@@ -20,6 +22,20 @@ NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+
+GLOBAL_RNG_LOCK = threading.Lock()
+"""Held while torch's process-wide CPU generator is seeded: by :func:`seeded_global_rng` and by the training step's
+per-step re-seeding, so a loader thread (``Prefetch``) and the step never interleave their seeding."""
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Run torchvision's random transforms, which draw from the global CPU generator, from ``seed``, and leave the
+    caller's generator state as it was (reproducible augmentation whatever else the process draws)."""
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
 
 
 def resolve_normalize(kind: str) -> str:
@@ -136,8 +152,7 @@ class BatchAugment:
         if self.randaugment is not None:
             # v2 transforms draw from the global RNG: seed it from our generator so the result stays reproducible.
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded_global_rng(seed):
                 x = torch.cat([self.randaugment(chunk) for chunk in x.split(self.group)])
         return normalize_uint8(x, self.normalize)
 
@@ -162,8 +177,7 @@ def make_mix(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0,
         use = float(torch.rand(1, generator=generator)) < mix_prob
         if not use:
             return images, torch.nn.functional.one_hot(labels, num_classes).float()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_global_rng(seed):
             return mix(images, labels)
 
     return apply

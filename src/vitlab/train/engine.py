@@ -30,7 +30,7 @@ from vitlab.data.folder import (BadSample, InMemoryImages, SafeImageFolder, esti
                                 split_dirs)
 from vitlab.data.images import BadImageError
 from vitlab.data.loaders import FolderBatches, InMemoryBatches, Prefetch, derive_seed
-from vitlab.data.transforms import BatchAugment, resolve_normalize, train_transform
+from vitlab.data.transforms import GLOBAL_RNG_LOCK, BatchAugment, resolve_normalize, train_transform
 from vitlab.model import VisionTransformer
 from vitlab.train.checkpoint import atomic_write, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from vitlab.train.config import TrainConfig
@@ -251,7 +251,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     for i, (x, y) in enumerate(micro_batches):
         # Dropout and stochastic depth draw from the global RNG: seed it per (step, micro-batch, rank) so a resumed
         # run draws exactly what the uninterrupted one did.
-        torch.manual_seed(derive_seed(config.seed, step, i, rank, 5))
+        with GLOBAL_RNG_LOCK:  # not while a loader thread has the generator seeded for its transforms
+            torch.manual_seed(derive_seed(config.seed, step, i, rank, 5))
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -487,8 +488,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     train_time, images_seen, data_time = 0.0, 0, 0.0
-    # On a GPU the next batches are augmented while the step runs (Prefetch); on CPU they share the cores.
-    prefetch, loader_busy = d.device.type == "cuda", [0.0]
+    prefetch, loader_busy = _prefetches(d.device), [0.0]
     budget_s = config.budget_minutes * 60 if config.budget_minutes else None
     step_cap = total_steps
     resumed_elapsed = float(state.get("elapsed", 0.0)) if state is not None else 0.0
@@ -629,6 +629,11 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     return result
 
 
+def _prefetches(device: torch.device) -> bool:
+    """On a GPU the next batches are augmented while the step runs (Prefetch); on CPU they would share its cores."""
+    return device.type == "cuda"
+
+
 def _batch_stream(train_data: Any, spe: int, start_step: int, global_batch: int, d: Dist, prefetch: bool,
                   busy: list[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[BadSample]]]:
     """The training batches from ``start_step`` on, one per optimiser step, across epochs. With ``prefetch`` (GPU)
@@ -636,7 +641,7 @@ def _batch_stream(train_data: Any, spe: int, start_step: int, global_batch: int,
     step = start_step
     while True:
         batches = train_data.epoch(step // spe, step % spe, global_batch, d.rank, d.world)
-        prefetcher = Prefetch(batches, pin=True) if prefetch else None
+        prefetcher = Prefetch(batches, pin=d.device.type == "cuda") if prefetch else None
         try:
             for item in prefetcher if prefetcher is not None else batches:
                 step += 1
