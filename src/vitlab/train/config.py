@@ -97,7 +97,8 @@ class TrainConfig:
     mix_prob: float = 1.0
     mix_off_fraction: float = 0.0
     """The last share of the run (of the steps, or of the wall-clock budget with ``budget_minutes``) trains without
-    mixup/cutmix, on the clean targets, so the model ends on the images it will be tested on."""
+    mixup/cutmix, on the clean targets, so the model ends on the images it will be tested on. (On a GPU the batches
+    already prefetched at the switch still mix.)"""
     normalize: Literal["auto", "official", "imagenet", "none"] = "auto"
     """``official``: pixels to [-1, 1] as the official checkpoints; ``imagenet``: mean/std; ``auto``: official."""
     ema_decay: float = 0.0
