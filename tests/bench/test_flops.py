@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vitlab.bench.flops import count_flops, flops_breakdown, measure_flops
+from vitlab.bench.flops import count_flops, flops_breakdown, matmul_shapes, measure_flops
+from vitlab.bench.models import cifar_config
 from vitlab.model import ResNetConfig, ViTConfig, VisionTransformer, create_model
 from vitlab.model.config import config_from_name
 
@@ -68,3 +69,16 @@ def test_generic_module_by_hand() -> None:
 def test_rejects_other_types() -> None:
     with pytest.raises(TypeError, match="ViTConfig or an nn.Module"):
         count_flops("ViT-B/16")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("config", [TINY, TINY.replace(classifier="gap", representation_size=6, image_size=(8, 12)),
+                                    config_from_name("ViT-S/16"), config_from_name("ViT-B/16"), cifar_config()],
+                         ids=["token", "gap-prelogits-rect", "S/16", "B/16", "cifar"])
+def test_matmul_shapes_hold_every_counted_flop(config: ViTConfig) -> None:
+    """The matmul list the GEMM-ceiling script times carries exactly the FLOPs the counter (checked above against
+    torch's FlopCounterMode) gives, for any batch."""
+    for batch in (1, 3):
+        listed = sum(2 * count * b * m * k * n for count, b, m, k, n in matmul_shapes(config, batch))
+        assert listed == count_flops(config) * batch
+    with pytest.raises(ValueError, match="plain ViTs only"):
+        matmul_shapes(config_from_name("R50+ViT-B/16"), 1)

@@ -82,6 +82,30 @@ def flops_breakdown(config: ViTConfig) -> dict[str, int]:
     }
 
 
+def matmul_shapes(config: ViTConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
+    """Every matrix multiply of one forward of ``batch`` images as (count, b, m, k, n): ``count`` times a batch of
+    ``b`` (m x k) @ (k x n) products. The patch projection, qkv, output projection, MLP and head are Dense layers
+    over all tokens (b = 1); q kᵀ and p v run per image and head. No hybrid backbone (its convolutions are not
+    listed). What ``scripts/gemm_ceiling.py`` times; its FLOPs are :func:`count_flops`'s."""
+    cfg = config
+    if cfg.backbone is not None:
+        raise ValueError("matmul_shapes lists plain ViTs only (a hybrid's ResNet convolutions are not matmuls here)")
+    ph, pw = cfg.patch_hw
+    n = (cfg.image_hw[0] // ph) * (cfg.image_hw[1] // pw)
+    t = n + cfg.num_prefix_tokens
+    D, M, L, H = cfg.width, cfg.mlp_dim, cfg.depth, cfg.num_heads
+    hd = D // H
+    shapes = [(1, 1, batch * n, cfg.in_channels * ph * pw, D), (L, 1, batch * t, D, 3 * D),
+              (L, batch * H, t, hd, t), (L, batch * H, t, t, hd), (L, 1, batch * t, D, D),
+              (L, 1, batch * t, D, M), (L, 1, batch * t, M, D)]
+    head_in = D
+    if cfg.representation_size:
+        shapes.append((1, 1, batch, D, cfg.representation_size))
+        head_in = cfg.representation_size
+    shapes.append((1, 1, batch, head_in, cfg.num_classes))
+    return shapes
+
+
 def count_flops(model: ViTConfig | nn.Module, input_size: tuple[int, ...] | None = None) -> int:
     """Forward FLOPs per image (multiply-add = 2) of a ``ViTConfig``, computed analytically.
 
