@@ -100,3 +100,17 @@ def test_mixup_targets_are_convex_combinations():
     if lam is not None:
         assert torch.allclose(xm[0], lam * x[0] + (1 - lam) * x[-1], atol=1e-5)
     assert make_mix(4) is None
+
+
+def test_a_forked_worker_does_not_inherit_a_held_rng_lock():
+    """DataLoader workers fork; one forked while the lock around the global generator is held must not wait forever."""
+    import os
+
+    from vitlab.data import transforms
+
+    with transforms.GLOBAL_RNG_LOCK:
+        pid = os.fork()
+        if pid == 0:  # the child: the module's lock is a fresh one
+            os._exit(0 if transforms.GLOBAL_RNG_LOCK.acquire(timeout=5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from typing import Callable, Iterator
 
@@ -28,6 +29,15 @@ GLOBAL_RNG_LOCK = threading.Lock()
 per-step re-seeding, so a loader thread (``Prefetch``) and the step never interleave their seeding."""
 
 
+def _new_lock_in_child() -> None:
+    # A DataLoader worker forked while another thread held the lock would inherit it held, and wait forever.
+    global GLOBAL_RNG_LOCK
+    GLOBAL_RNG_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 @contextlib.contextmanager
 def seeded_global_rng(seed: int) -> Iterator[None]:
     """Run torchvision's random transforms, which draw from the global CPU generator, from ``seed``, and leave the
@@ -35,7 +45,6 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
 
 
 def resolve_normalize(kind: str) -> str:
