@@ -29,12 +29,13 @@ def _losses(run) -> list[float]:
 
 
 def test_fp32_run_on_cuda_takes_the_cpu_steps(data, tmp_path, monkeypatch):
-    """Same seed, data order and augmentation (drawn on the CPU either way): the GPU's losses and final weights
-    follow the CPU's to fp32 rounding (TF32 off), so the device changes nothing but speed. SGD, because Adam's
-    normalised step turns rounding-level gradients of either sign into full-size steps."""
+    """Same seed, data order and augmentation (drawn on the CPU either way; on the GPU in a prefetching thread,
+    RandAugment and mixup included): the GPU's losses and final weights follow the CPU's to fp32 rounding (TF32
+    off), so the device changes nothing but speed. SGD, because Adam's normalised step turns rounding-level
+    gradients of either sign into full-size steps."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    cfg = load_config(None, tiny_overrides(epochs=3, lr=0.05, optimizer="sgd", randaugment_n=0))
+    cfg = load_config(None, tiny_overrides(epochs=3, lr=0.05, optimizer="sgd", randaugment_n=1, mixup=0.8))
     gpu = train(cfg, data, tmp_path / "gpu")
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: False)
