@@ -488,7 +488,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     train_time, images_seen, data_time = 0.0, 0, 0.0
-    prefetch, loader_busy = _prefetches(d.device), [0.0]
+    prefetch = _prefetches(d.device)
     budget_s = config.budget_minutes * 60 if config.budget_minutes else None
     step_cap = total_steps
     resumed_elapsed = float(state.get("elapsed", 0.0)) if state is not None else 0.0
@@ -530,11 +530,11 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
         return result
 
     set_mixing()
-    stream = _batch_stream(data.train, spe, step, config.batch_size, d, prefetch, loader_busy)
+    stream = _BatchStream(data.train, spe, step, config.batch_size, d, prefetch)
     try:
         while step < total_steps and not stop["signal"]:
             t_data = time.perf_counter()
-            x, y, bad = next(stream)
+            x, y, bad = stream.next()
             if bad:
                 _record_bad(bad, bad_seen, run_dir, d, config.strict)
             t0 = time.perf_counter()
@@ -584,7 +584,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
             log.warning("received signal %s: checkpoint saved at step %d in %s; continue with --resume",
                         stop["signal"], step, run_dir / CHECKPOINT)
     finally:
-        stream.close()  # closes an epoch's prefetcher, adding its busy time to loader_busy
+        stream.close()
         if bar is not None:
             bar.close()
         if previous_handler is not None:
@@ -592,7 +592,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
 
     loop_s = max(train_time + data_time, 1e-9)
     # The loader's own rate: its busy time when prefetching, else the wait for it.
-    loader_s = loader_busy[0] if prefetch else data_time
+    loader_s = stream.busy_s if prefetch else data_time
     result: dict[str, Any] = {"step": step, "total_steps": total_steps, "epochs": step / spe,
                               "train_loss": last_loss, "interrupted": interrupted,
                               "train_img_per_s": images_seen / loop_s if images_seen else None,
@@ -634,22 +634,35 @@ def _prefetches(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _batch_stream(train_data: Any, spe: int, start_step: int, global_batch: int, d: Dist, prefetch: bool,
-                  busy: list[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[BadSample]]]:
+class _BatchStream:
     """The training batches from ``start_step`` on, one per optimiser step, across epochs. With ``prefetch`` (GPU)
-    each epoch's batches are produced by a :class:`Prefetch` thread, whose busy time is added to ``busy[0]``."""
-    step = start_step
-    while True:
-        batches = train_data.epoch(step // spe, step % spe, global_batch, d.rank, d.world)
-        prefetcher = Prefetch(batches, pin=d.device.type == "cuda") if prefetch else None
-        try:
-            for item in prefetcher if prefetcher is not None else batches:
-                step += 1
-                yield item
-        finally:
-            if prefetcher is not None:
-                prefetcher.close()
-                busy[0] += prefetcher.busy_s
+    each epoch's batches are produced by a :class:`Prefetch` thread; ``busy_s`` adds up those threads' busy time."""
+
+    def __init__(self, train_data: Any, spe: int, start_step: int, global_batch: int, d: Dist,
+                 prefetch: bool) -> None:
+        self.busy_s = 0.0
+        self._batches = self._generate(train_data, spe, start_step, global_batch, d, prefetch)
+
+    def _generate(self, train_data: Any, spe: int, step: int, global_batch: int, d: Dist,
+                  prefetch: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[BadSample]]]:
+        while True:
+            batches = train_data.epoch(step // spe, step % spe, global_batch, d.rank, d.world)
+            prefetcher = Prefetch(batches, pin=d.device.type == "cuda") if prefetch else None
+            try:
+                for item in prefetcher if prefetcher is not None else batches:
+                    step += 1
+                    yield item
+            finally:
+                if prefetcher is not None:
+                    prefetcher.close()
+                    self.busy_s += prefetcher.busy_s
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
+        return next(self._batches)
+
+    def close(self) -> None:
+        """Stops the current epoch's prefetch thread (and counts its busy time)."""
+        self._batches.close()
 
 
 def _budget_steps(config: TrainConfig, step: int, rate_mark: tuple[int, float], elapsed: float, budget_s: float,
