@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from vitlab.bench.benchmark import infer_call, train_call
+from vitlab.bench.benchmark import _cast_models, _input, infer_call, train_call
 from vitlab.bench.flops import count_flops, matmul_shapes
 from vitlab.bench.models import bench_model, build_pair
 from vitlab.bench.timing import interleaved, machine_info, matmul_peak, median
@@ -82,12 +81,8 @@ def measure(key: str, batch: int | None, training: bool, reps: int, peak: float)
     dtypes = ["bf16-autocast"] if training else ["bf16-autocast", "bf16-weights"]
     for dtype in dtypes:
         torch.manual_seed(0)
-        vit, tm = build_pair(cfg)
-        if dtype == "bf16-weights":
-            vit, tm = vit.to(BF16), tm.to(BF16)
-        x = torch.randn(batch, cfg.in_channels, *cfg.image_hw)
-        if dtype == "bf16-weights":
-            x = x.to(BF16)
+        vit, tm = _cast_models(dict(zip(("vitlab", "timm"), build_pair(cfg))), dtype).values()
+        x = _input(bm, batch, "cpu", dtype)
         if training:
             y = torch.randint(0, cfg.num_classes, (batch,))
             fns = {"vitlab": train_call(vit.train(), x, y, dtype, "cpu"),

@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vitlab.bench.benchmark import infer_call
+from vitlab.bench.benchmark import _cast_models, _input, infer_call
 from vitlab.bench.models import bench_model, build_pair
 
 
@@ -25,10 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bm = bench_model(args.model, infer_batch=args.batch)
-    model = build_pair(bm.config)[0].eval()
-    x = torch.randn(args.batch, bm.config.in_channels, *bm.config.image_hw)
-    if args.dtype == "bf16-weights":
-        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    model = _cast_models({"vitlab": build_pair(bm.config)[0]}, args.dtype)["vitlab"].eval()
+    x = _input(bm, args.batch, "cpu", args.dtype)
     call = infer_call(model, x, args.dtype, "cpu")
     for _ in range(3):
         call()
