@@ -54,48 +54,15 @@ def backbone_flops(cfg: ResNetConfig, image_hw: tuple[int, int], in_channels: in
     return total, (h, w)
 
 
-def flops_breakdown(config: ViTConfig) -> dict[str, int]:
-    """Forward FLOPs per image by component (keys: embed, qkv, attn_scores, attn_values, attn_proj, mlp, head)."""
-    cfg = config
-    D, M, L = cfg.width, cfg.mlp_dim, cfg.depth
+def _encoder_matmuls(cfg: ViTConfig, batch: int, c_in: int, grid_hw: tuple[int, int]) -> list[tuple[int, ...]]:
+    """(count, b, m, k, n) of every matmul after the pixels (or a hybrid's feature map of ``c_in`` channels on
+    ``grid_hw``): patch projection, qkv, q kᵀ, p v, output projection, the MLP's two layers, the head."""
     ph, pw = cfg.patch_hw
-    if cfg.backbone is not None:
-        embed, (fh, fw) = backbone_flops(cfg.backbone, cfg.image_hw, cfg.in_channels)
-        c_in = cfg.backbone.out_channels
-    else:
-        embed, (fh, fw) = 0, cfg.image_hw
-        c_in = cfg.in_channels
-    N = (fh // ph) * (fw // pw)
-    embed += 2 * N * (c_in * ph * pw) * D  # the patch projection: one (C*ph*pw) x D matmul per patch
-    T = N + cfg.num_prefix_tokens
-    head_in = cfg.representation_size or D
-    head = 2 * D * cfg.representation_size if cfg.representation_size else 0
-    head += 2 * head_in * cfg.num_classes
-    return {
-        "embed": embed,
-        "qkv": L * 2 * T * D * 3 * D,
-        "attn_scores": L * 2 * T * T * D,  # H heads x (T x hd) @ (hd x T), H * hd = D
-        "attn_values": L * 2 * T * T * D,  # H heads x (T x T) @ (T x hd)
-        "attn_proj": L * 2 * T * D * D,
-        "mlp": L * 2 * 2 * T * D * M,
-        "head": head,
-    }
-
-
-def matmul_shapes(config: ViTConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
-    """Every matrix multiply of one forward of ``batch`` images as (count, b, m, k, n): ``count`` times a batch of
-    ``b`` (m x k) @ (k x n) products. The patch projection, qkv, output projection, MLP and head are Dense layers
-    over all tokens (b = 1); q kᵀ and p v run per image and head. No hybrid backbone (its convolutions are not
-    listed). What ``scripts/gemm_ceiling.py`` times; its FLOPs are :func:`count_flops`'s."""
-    cfg = config
-    if cfg.backbone is not None:
-        raise ValueError("matmul_shapes lists plain ViTs only (a hybrid's ResNet convolutions are not matmuls here)")
-    ph, pw = cfg.patch_hw
-    n = (cfg.image_hw[0] // ph) * (cfg.image_hw[1] // pw)
+    n = (grid_hw[0] // ph) * (grid_hw[1] // pw)
     t = n + cfg.num_prefix_tokens
     D, M, L, H = cfg.width, cfg.mlp_dim, cfg.depth, cfg.num_heads
     hd = D // H
-    shapes = [(1, 1, batch * n, cfg.in_channels * ph * pw, D), (L, 1, batch * t, D, 3 * D),
+    shapes = [(1, 1, batch * n, c_in * ph * pw, D), (L, 1, batch * t, D, 3 * D),
               (L, batch * H, t, hd, t), (L, batch * H, t, t, hd), (L, 1, batch * t, D, D),
               (L, 1, batch * t, D, M), (L, 1, batch * t, M, D)]
     head_in = D
@@ -104,6 +71,29 @@ def matmul_shapes(config: ViTConfig, batch: int) -> list[tuple[int, int, int, in
         head_in = cfg.representation_size
     shapes.append((1, 1, batch, head_in, cfg.num_classes))
     return shapes
+
+
+def flops_breakdown(config: ViTConfig) -> dict[str, int]:
+    """Forward FLOPs per image by component (keys: embed, qkv, attn_scores, attn_values, attn_proj, mlp, head)."""
+    cfg = config
+    if cfg.backbone is not None:
+        embed, grid = backbone_flops(cfg.backbone, cfg.image_hw, cfg.in_channels)
+        c_in = cfg.backbone.out_channels
+    else:
+        embed, grid, c_in = 0, cfg.image_hw, cfg.in_channels
+    f = [2 * count * b * m * k * n for count, b, m, k, n in _encoder_matmuls(cfg, 1, c_in, grid)]
+    return {"embed": embed + f[0], "qkv": f[1], "attn_scores": f[2], "attn_values": f[3], "attn_proj": f[4],
+            "mlp": f[5] + f[6], "head": sum(f[7:])}
+
+
+def matmul_shapes(config: ViTConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
+    """Every matrix multiply of one forward of ``batch`` images as (count, b, m, k, n): ``count`` times a batch of
+    ``b`` (m x k) @ (k x n) products. The patch projection, qkv, output projection, MLP and head are Dense layers
+    over all tokens (b = 1); q kᵀ and p v run per image and head. No hybrid backbone (its convolutions are not
+    listed). What ``scripts/gemm_ceiling.py`` times; :func:`flops_breakdown` counts the same list."""
+    if config.backbone is not None:
+        raise ValueError("matmul_shapes lists plain ViTs only (a hybrid's ResNet convolutions are not matmuls here)")
+    return _encoder_matmuls(config, batch, config.in_channels, config.image_hw)
 
 
 def count_flops(model: ViTConfig | nn.Module, input_size: tuple[int, ...] | None = None) -> int:
