@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from tests.train.tiny import make_folder, tiny_overrides
 from vitlab.data.images import BadImageError
 from vitlab.train import NonFiniteLossError, evaluate, load_config, train
 from vitlab.train import engine
-from vitlab.train.engine import EMA, param_groups, train_step
+from vitlab.train.engine import EMA, _budget_steps, param_groups, train_step
 
 
 @pytest.fixture
@@ -253,6 +254,41 @@ def test_low_resolution_phase_then_full_resolution(data, tmp_path, monkeypatch):
     assert result["step"] == 10 and vitlab.load(tmp_path / "run" / "model.safetensors").config.image_hw == (16, 16)
     with pytest.raises(ValueError, match="low_res_size must be in"):
         load_config(None, tiny_overrides(low_res_size=32))
+
+
+def test_progressive_resizing_through_several_resolutions(data, tmp_path, monkeypatch):
+    sizes = []
+    original = vitlab.model.VisionTransformer.forward
+
+    def spy(self, x, **kwargs):
+        if self.training:
+            sizes.append(x.shape[-1])
+        return original(self, x, **kwargs)
+
+    monkeypatch.setattr(vitlab.model.VisionTransformer, "forward", spy)
+    cfg = load_config(None, tiny_overrides(steps=10, low_res_size="[8,12]", low_res_fraction="[0.3,0.5]"))
+    assert cfg.resolution_stages() == [(8, 0.3), (12, 0.5), (16, 1.0)]
+    train(cfg, data, tmp_path / "run")
+    assert sizes == [8] * 3 + [12] * 2 + [16] * 5
+    for bad, match in [(dict(low_res_size="[8,12]", low_res_fraction=0.5), "one end per low_res_size"),
+                       (dict(low_res_size="[8,12]", low_res_fraction="[0.5,0.3]"), "increasing"),
+                       (dict(low_res_size="[8,20]", low_res_fraction="[0.3,0.5]"), "low_res_size must be in"),
+                       (dict(low_res_size="[8,x]", low_res_fraction="[0.3,0.5]"), "list of int")]:
+        with pytest.raises(ValueError, match=match):
+            load_config(None, tiny_overrides(**bad))
+
+
+def test_budget_estimate_scales_the_step_rate_by_each_stages_tokens():
+    """Hand computation: 10 steps/s measured at 16 px over a 100 s budget, 20 s elapsed; 16 px until 40 s, 24 px
+    until 80 s, 32 px to the end. Steps still to come: 10*20 + 10*40*(16/24)^2 + 10*20*(16/32)^2 = 427.8."""
+    cfg = load_config(None, ["image_size=32", "low_res_size=[16,24]", "low_res_fraction=[0.4,0.8]"])
+    now = time.perf_counter()
+    total = _budget_steps(cfg, 200, (0, now - 20.0), 20.0, 100.0, 16)
+    assert total == pytest.approx(200 + 200 + 400 * (16 / 24) ** 2 + 200 * 0.25, abs=1.0)
+    # One low-resolution stage: the formula of the two-phase schedule (low_left + rest * token ratio).
+    cfg = load_config(None, ["image_size=32", "low_res_size=24", "low_res_fraction=0.8"])
+    total = _budget_steps(cfg, 200, (0, now - 20.0), 20.0, 100.0, 24)
+    assert total == pytest.approx(200 + 10 * (60 + 20 * (24 / 32) ** 2), abs=1.0)
 
 
 @pytest.mark.parametrize("in_memory", ["true", "false"])

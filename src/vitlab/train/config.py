@@ -32,12 +32,14 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     """Extra keyword arguments for ``create_model`` (e.g. ``patch_size``, ``depth``, ``drop_path``, ``classifier``)."""
     image_size: int = 224
-    low_res_size: Optional[int] = None
+    low_res_size: Union[int, list[int], None] = None
     """Train at this lower resolution first, then at ``image_size`` (the model's, used for evaluation): the
     position embedding is sampled at the smaller grid (``interpolate_pos_embed``), so each image costs fewer tokens.
-    The paper's pre-train-low / fine-tune-high split inside one run."""
-    low_res_fraction: float = 0.8
-    """Share of the run at ``low_res_size``: of the steps, or of the wall-clock budget with ``budget_minutes``."""
+    The paper's pre-train-low / fine-tune-high split inside one run. A list (lowest first, e.g. ``[16, 24]``)
+    trains at each size in turn: progressive resizing."""
+    low_res_fraction: Union[float, list[float]] = 0.8
+    """Share of the run at ``low_res_size``: of the steps, or of the wall-clock budget with ``budget_minutes``.
+    With a list of sizes, a list of the same length: the share of the run at which each size ends (increasing)."""
     num_classes: Optional[int] = None
     """Head size; ``None`` takes the number of class folders of the training data."""
     init: Optional[str] = None
@@ -134,12 +136,26 @@ class TrainConfig:
                              f"({self.accum_steps})")
         if self.epochs <= 0 and not self.steps:
             raise ValueError("epochs must be positive (or set steps)")
-        if not 0.0 <= self.low_res_fraction <= 1.0:
-            raise ValueError(f"low_res_fraction must be in [0, 1], got {self.low_res_fraction}")
         if not 0.0 <= self.mix_off_fraction <= 1.0:
             raise ValueError(f"mix_off_fraction must be in [0, 1], got {self.mix_off_fraction}")
-        if self.low_res_size is not None and not 0 < self.low_res_size <= self.image_size:
+        self.resolution_stages()  # validates low_res_size and low_res_fraction
+
+    def resolution_stages(self) -> list[tuple[int, float]]:
+        """The training resolutions in order, as (size, share of the run at which it ends); the last is
+        ``(image_size, 1.0)``."""
+        if self.low_res_size is None:
+            return [(self.image_size, 1.0)]
+        sizes = self.low_res_size if isinstance(self.low_res_size, list) else [self.low_res_size]
+        ends = self.low_res_fraction if isinstance(self.low_res_fraction, list) else [self.low_res_fraction]
+        if len(sizes) != len(ends) or not sizes:
+            raise ValueError(f"low_res_fraction must give one end per low_res_size: {self.low_res_size} and "
+                             f"{self.low_res_fraction}")
+        if any(not 0 < s <= self.image_size for s in sizes):
             raise ValueError(f"low_res_size must be in (0, image_size={self.image_size}], got {self.low_res_size}")
+        if any(not 0.0 <= e <= 1.0 for e in ends) or ends != sorted(ends):
+            raise ValueError(f"low_res_fraction must be in [0, 1] (increasing for several sizes), got "
+                             f"{self.low_res_fraction}")
+        return list(zip(sizes, [float(e) for e in ends])) + [(self.image_size, 1.0)]
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -182,6 +198,8 @@ def _matches(value: Any, tp: Any) -> bool:
         args = typing.get_args(tp)
         return (isinstance(value, tuple) and len(value) == len(args)
                 and all(_matches(v, a) for v, a in zip(value, args)))
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
     if origin is dict or tp is dict:
         return isinstance(value, dict)
     if tp is bool:
@@ -203,6 +221,8 @@ def _describe(tp: Any) -> str:
         return " | ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is list:
+        return f"list of {_describe(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 

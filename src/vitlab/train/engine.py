@@ -496,6 +496,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     start_step = step
     rate_mark = (step, loop_start)
     current_size, mark_at = None, start_step + 10
+    stages = config.resolution_stages()
     last_loss, result_eval, gnorm = float("nan"), None, None
     interrupted = False
 
@@ -539,8 +540,8 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                 _record_bad(bad, bad_seen, run_dir, d, config.strict)
             t0 = time.perf_counter()
             data_time += t0 - t_data
-            low_res = config.low_res_size is not None and run_fraction() < config.low_res_fraction
-            size = config.low_res_size if low_res else config.image_size
+            fraction = run_fraction()
+            size = next((s for s, end in stages if fraction < end), config.image_size)
             if current_size is not None and size != current_size:
                 mark_at = step + 3  # measure the new phase's step rate, after recompiling
             current_size = size
@@ -548,7 +549,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                 rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
             if budget_s is not None and step - start_step >= 20 and step - rate_mark[0] >= 10:
                 total_steps = min(step_cap, _budget_steps(config, step, rate_mark, time.perf_counter() - loop_start,
-                                                          budget_s, low_res))
+                                                          budget_s, size))
             lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup, kind=config.schedule,
                        min_lr=config.min_lr)
             parts = list(zip(x.split(micro // d.world), y.split(micro // d.world))) if len(y) else []
@@ -666,18 +667,17 @@ class _BatchStream:
 
 
 def _budget_steps(config: TrainConfig, step: int, rate_mark: tuple[int, float], elapsed: float, budget_s: float,
-                  low_res: bool) -> int:
+                  size: int) -> int:
     """Time-budget mode: the schedule's length re-estimated from the step rate measured since ``rate_mark``
-    (step, perf_counter time). The rest of a low-resolution phase runs at that rate, the full-resolution time after
-    it at the rate scaled by the token ratio."""
+    (step, perf_counter time) at the current resolution ``size``. The time left at each resolution runs at that
+    rate scaled by the token ratio (a step's time grows about with its tokens)."""
     now = time.perf_counter()
     rate = (step - rate_mark[0]) / max(now - rate_mark[1], 1e-9)
-    left = budget_s - elapsed
-    future = rate * left
-    if low_res:
-        low_left = max(0.0, config.low_res_fraction * budget_s - elapsed)
-        token_ratio = (config.low_res_size / config.image_size) ** 2
-        future = rate * (low_left + (left - low_left) * token_ratio)
+    future, begin = 0.0, 0.0
+    for stage_size, end in config.resolution_stages():
+        left = max(0.0, end * budget_s - max(begin * budget_s, elapsed))
+        future += rate * left * (size / stage_size) ** 2
+        begin = end
     return max(step + 1, round(step + future))
 
 
