@@ -283,11 +283,11 @@ def test_budget_estimate_scales_the_step_rate_by_each_stages_tokens():
     until 80 s, 32 px to the end. Steps still to come: 10*20 + 10*40*(16/24)^2 + 10*20*(16/32)^2 = 427.8."""
     cfg = load_config(None, ["image_size=32", "low_res_size=[16,24]", "low_res_fraction=[0.4,0.8]"])
     now = time.perf_counter()
-    total = _budget_steps(cfg, 200, (0, now - 20.0), 20.0, 100.0, 16)
+    total = _budget_steps(cfg.resolution_stages(), 200, (0, now - 20.0), 20.0, 100.0, 16)
     assert total == pytest.approx(200 + 200 + 400 * (16 / 24) ** 2 + 200 * 0.25, abs=1.0)
     # One low-resolution stage: the formula of the two-phase schedule (low_left + rest * token ratio).
     cfg = load_config(None, ["image_size=32", "low_res_size=24", "low_res_fraction=0.8"])
-    total = _budget_steps(cfg, 200, (0, now - 20.0), 20.0, 100.0, 24)
+    total = _budget_steps(cfg.resolution_stages(), 200, (0, now - 20.0), 20.0, 100.0, 24)
     assert total == pytest.approx(200 + 10 * (60 + 20 * (24 / 32) ** 2), abs=1.0)
 
 

@@ -548,7 +548,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
             if budget_s is not None and step == mark_at:
                 rate_mark = (step, time.perf_counter())  # after warm-up and torch.compile's first steps
             if budget_s is not None and step - start_step >= 20 and step - rate_mark[0] >= 10:
-                total_steps = min(step_cap, _budget_steps(config, step, rate_mark, time.perf_counter() - loop_start,
+                total_steps = min(step_cap, _budget_steps(stages, step, rate_mark, time.perf_counter() - loop_start,
                                                           budget_s, size))
             lr = lr_at(step, total_steps=total_steps, peak=config.lr, warmup_steps=warmup, kind=config.schedule,
                        min_lr=config.min_lr)
@@ -666,15 +666,16 @@ class _BatchStream:
         self._batches.close()
 
 
-def _budget_steps(config: TrainConfig, step: int, rate_mark: tuple[int, float], elapsed: float, budget_s: float,
-                  size: int) -> int:
+def _budget_steps(stages: list[tuple[int, float]], step: int, rate_mark: tuple[int, float], elapsed: float,
+                  budget_s: float, size: int) -> int:
     """Time-budget mode: the schedule's length re-estimated from the step rate measured since ``rate_mark``
-    (step, perf_counter time) at the current resolution ``size``. The time left at each resolution runs at that
-    rate scaled by the token ratio (a step's time grows about with its tokens)."""
+    (step, perf_counter time) at the current resolution ``size``. The time left at each resolution of ``stages``
+    (``TrainConfig.resolution_stages``) runs at that rate scaled by the token ratio (a step's time grows about
+    with its tokens)."""
     now = time.perf_counter()
     rate = (step - rate_mark[0]) / max(now - rate_mark[1], 1e-9)
     future, begin = 0.0, 0.0
-    for stage_size, end in config.resolution_stages():
+    for stage_size, end in stages:
         left = max(0.0, end * budget_s - max(begin * budget_s, elapsed))
         future += rate * left * (size / stage_size) ** 2
         begin = end
