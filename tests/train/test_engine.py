@@ -238,7 +238,8 @@ def test_train_step_at_a_lower_resolution_resizes_and_samples_the_embedding():
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
-def test_low_resolution_phase_then_full_resolution(data, tmp_path, monkeypatch):
+def _record_training_sizes(monkeypatch) -> list[int]:
+    """The image side of every training-mode forward of any VisionTransformer, in order."""
     sizes = []
     original = vitlab.model.VisionTransformer.forward
 
@@ -248,6 +249,11 @@ def test_low_resolution_phase_then_full_resolution(data, tmp_path, monkeypatch):
         return original(self, x, **kwargs)
 
     monkeypatch.setattr(vitlab.model.VisionTransformer, "forward", spy)
+    return sizes
+
+
+def test_low_resolution_phase_then_full_resolution(data, tmp_path, monkeypatch):
+    sizes = _record_training_sizes(monkeypatch)
     cfg = load_config(None, tiny_overrides(steps=10, low_res_size=8, low_res_fraction=0.6))
     result = train(cfg, data, tmp_path / "run")
     assert sizes == [8] * 6 + [16] * 4
@@ -257,15 +263,7 @@ def test_low_resolution_phase_then_full_resolution(data, tmp_path, monkeypatch):
 
 
 def test_progressive_resizing_through_several_resolutions(data, tmp_path, monkeypatch):
-    sizes = []
-    original = vitlab.model.VisionTransformer.forward
-
-    def spy(self, x, **kwargs):
-        if self.training:
-            sizes.append(x.shape[-1])
-        return original(self, x, **kwargs)
-
-    monkeypatch.setattr(vitlab.model.VisionTransformer, "forward", spy)
+    sizes = _record_training_sizes(monkeypatch)
     cfg = load_config(None, tiny_overrides(steps=10, low_res_size="[8,12]", low_res_fraction="[0.3,0.5]"))
     assert cfg.resolution_stages() == [(8, 0.3), (12, 0.5), (16, 1.0)]
     train(cfg, data, tmp_path / "run")
