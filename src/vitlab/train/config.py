@@ -143,18 +143,18 @@ class TrainConfig:
     def resolution_stages(self) -> list[tuple[int, float]]:
         """The training resolutions in order, as (size, share of the run at which it ends); the last is
         ``(image_size, 1.0)``."""
+        ends = self.low_res_fraction if isinstance(self.low_res_fraction, list) else [self.low_res_fraction]
+        if any(not 0.0 <= e <= 1.0 for e in ends) or ends != sorted(ends):
+            raise ValueError(f"low_res_fraction must be in [0, 1] (increasing for several sizes), got "
+                             f"{self.low_res_fraction}")
         if self.low_res_size is None:
             return [(self.image_size, 1.0)]
         sizes = self.low_res_size if isinstance(self.low_res_size, list) else [self.low_res_size]
-        ends = self.low_res_fraction if isinstance(self.low_res_fraction, list) else [self.low_res_fraction]
         if len(sizes) != len(ends) or not sizes:
             raise ValueError(f"low_res_fraction must give one end per low_res_size: {self.low_res_size} and "
                              f"{self.low_res_fraction}")
         if any(not 0 < s <= self.image_size for s in sizes):
             raise ValueError(f"low_res_size must be in (0, image_size={self.image_size}], got {self.low_res_size}")
-        if any(not 0.0 <= e <= 1.0 for e in ends) or ends != sorted(ends):
-            raise ValueError(f"low_res_fraction must be in [0, 1] (increasing for several sizes), got "
-                             f"{self.low_res_fraction}")
         return list(zip(sizes, [float(e) for e in ends])) + [(self.image_size, 1.0)]
 
     def replace(self, **changes: Any) -> "TrainConfig":

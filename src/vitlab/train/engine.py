@@ -535,7 +535,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     try:
         while step < total_steps and not stop["signal"]:
             t_data = time.perf_counter()
-            x, y, bad = stream.next()
+            x, y, bad = next(stream)
             if bad:
                 _record_bad(bad, bad_seen, run_dir, d, config.strict)
             t0 = time.perf_counter()
@@ -658,7 +658,10 @@ class _BatchStream:
                     prefetcher.close()
                     self.busy_s += prefetcher.busy_s
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
+    def __iter__(self) -> "_BatchStream":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
         return next(self._batches)
 
     def close(self) -> None:
