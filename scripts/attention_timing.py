@@ -1,7 +1,6 @@
-"""Time of one bf16 attention call on CPU, for the shapes the benchmarks and the small-scratch preset run: forward +
-backward of SDPA's fused kernel against vitlab's ``_ReducedPrecisionAttention`` (sliced forward, recomputing
-backward) at several backward slice sizes, and the inference forward alone, SDPA against ``_sliced_attention`` at
-several forward slice sizes. Writes JSON.
+"""Time of one bf16 attention call on CPU, for the shapes the benchmarks and the small-scratch preset run: PyTorch's
+fused SDPA kernel, vitlab's torch-op path (``_sliced_attention`` forward, recomputing sliced backward) and vitlab's
+C++ kernel (``vitlab.model.cpu_kernels``), forward + backward and the inference forward alone. Writes JSON.
 
     python scripts/attention_timing.py --out results/bench/attention.json [--threads 2]
 """
@@ -17,14 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vitlab.model import layers
-from vitlab.model.layers import _ReducedPrecisionAttention, _sliced_attention
+from vitlab.model import cpu_kernels, layers
+from vitlab.model.layers import _ReducedPrecisionAttention, _short_attention
 
 # (batch, tokens, heads, head dim): ViT-S/16, ViT-Ti/16 and ViT-B/16 at 224 with the bench's training batches, and
 # the CIFAR preset's model at 32 px and 24 px (its first 80%).
 SHAPES = [(16, 197, 6, 64), (32, 197, 3, 64), (4, 197, 12, 64), (128, 64, 4, 32), (128, 36, 4, 32)]
-SLICES = [2**16, 2**18, 2**20]
-FORWARD_SLICES = [2**18, 2**20, 2**22]
 
 
 def time_ms(fn, base: torch.Tensor, grad: torch.Tensor, reps: int) -> float:
@@ -63,26 +60,25 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    backward_default, forward_default = layers._BACKWARD_ELEMENTS, layers._FORWARD_ELEMENTS
+    kernel = cpu_kernels.attention_kernel()
+    if kernel is None:
+        raise SystemExit("the C++ kernel could not be built here; nothing to compare")
     for batch, tokens, heads, hd in SHAPES:
         base = torch.randn(batch, tokens, 3, heads, hd, dtype=torch.bfloat16)
         grad = torch.randn(batch, heads, tokens, hd, dtype=torch.bfloat16)
-        row = {"batch": batch, "tokens": tokens, "heads": heads, "head_dim": hd,
-               "fused_sdpa_ms": time_ms(F.scaled_dot_product_attention, base, grad, args.reps)}
-        for elements in SLICES:
-            layers._BACKWARD_ELEMENTS = elements
-            row[f"recompute_slices_{elements}_ms"] = time_ms(_ReducedPrecisionAttention.apply, base, grad, args.reps)
-        layers._BACKWARD_ELEMENTS = backward_default
         q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
-        row["forward_sdpa_ms"] = forward_ms(F.scaled_dot_product_attention, q, k, v, args.reps)
-        for elements in FORWARD_SLICES:
-            layers._FORWARD_ELEMENTS = elements
-            row[f"forward_sliced_{elements}_ms"] = forward_ms(_sliced_attention, q, k, v, args.reps)
-        layers._FORWARD_ELEMENTS = forward_default
+        row = {"batch": batch, "tokens": tokens, "heads": heads, "head_dim": hd,
+               "fused_sdpa_ms": time_ms(F.scaled_dot_product_attention, base, grad, args.reps),
+               "forward_sdpa_ms": forward_ms(F.scaled_dot_product_attention, q, k, v, args.reps)}
+        for name, module in (("torch_ops", None), ("kernel", kernel)):
+            cpu_kernels._state["module"] = module  # the model's own dispatch, with the kernel off or on
+            row[f"{name}_ms"] = time_ms(_ReducedPrecisionAttention.apply, base, grad, args.reps)
+            row[f"forward_{name}_ms"] = forward_ms(_short_attention, q, k, v, args.reps)
         rows.append(row)
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     out = {"threads": args.threads, "torch": torch.__version__, "reps": args.reps,
-           "forward_elements": forward_default, "backward_elements": backward_default, "rows": rows}
+           "torch_ops_slice_elements": {"forward": layers._FORWARD_ELEMENTS, "backward": layers._BACKWARD_ELEMENTS},
+           "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
 

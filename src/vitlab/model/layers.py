@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from vitlab.model.cpu_kernels import attention_kernel
+
 # ------------------------------------------------------------------------------------- fused CPU inference
 # Without autograd on CPU, the Dense layers run as oneDNN matmuls with the bias, the GELU (MLP) and the residual
 # addition (attention output and MLP output projections) fused into the matmul's epilogue: the same function,
@@ -170,6 +172,26 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # B, N, D (grid row-major, as the official code)
 
 
+def _cpu_kernel_for(q: torch.Tensor):
+    """vitlab's C++ attention kernel (``vitlab.model.cpu_kernels``) where it applies: bf16 on the CPU, head
+    dimension a multiple of 16, outside ``torch.compile``/export tracing (which must see ordinary ops). None
+    elsewhere, or where it is unavailable."""
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 16 or torch.compiler.is_compiling() \
+            or torch.compiler.is_exporting():
+        return None
+    return attention_kernel()
+
+
+def _short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for low-precision (B, H, N, hd) inputs on the CPU: the C++ kernel for bf16
+    (one fused pass per sample and head, output already in the (B, N, H, hd) layout the output projection reads),
+    else ``_sliced_attention``. Both keep logits and softmax in fp32 and round the probabilities once."""
+    kernel = _cpu_kernel_for(q)
+    if kernel is None:
+        return _sliced_attention(q, k, v)
+    return kernel.attention_forward(q, k, v, q.shape[-1] ** -0.5)
+
+
 def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v for low-precision (B, H, N, hd) inputs on the CPU, as batched matmuls over
     slices of the batch: logits and softmax in fp32 (the precision of SDPA's fused kernel, which accumulates in
@@ -212,13 +234,16 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
-        return _sliced_attention(q, k, v)
+        return _short_attention(q, k, v)
 
     @staticmethod
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = ctx.saved_tensors
         B, H, N, hd = q.shape
         dt, scale = q.dtype, hd**-0.5
+        kernel = _cpu_kernel_for(q)
+        if kernel is not None:
+            return tuple(kernel.attention_backward(q, k, v, do if do.stride(-1) == 1 else do.contiguous(), scale))
         acc = torch.promote_types(dt, torch.float32)
         dq, dk, dv = (torch.empty(t.shape, dtype=dt, device=t.device) for t in (q, k, v))
         step = max(1, _BACKWARD_ELEMENTS // (H * N * N))
@@ -295,7 +320,7 @@ class Attention(nn.Module):
         """Inference attention up to (not including) the output projection: (B, N, D), heads merged."""
         B, N, D = x.shape
         q, k, v = self._qkv(x, project)
-        o = _sliced_attention(q, k, v) if _short_low_precision_on_cpu(q) else F.scaled_dot_product_attention(q, k, v)
+        o = _short_attention(q, k, v) if _short_low_precision_on_cpu(q) else F.scaled_dot_product_attention(q, k, v)
         return o.transpose(1, 2).reshape(B, N, D)
 
     def attend_fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""vitlab's C++ CPU kernel (``csrc/cpu_attention.cpp``): bf16 softmax attention, forward and backward, for CPUs
+with AVX512-BF16.
+
+It is compiled on first use by torch's extension builder (``torch.utils.cpp_extension.load``; a C++ compiler is
+all it needs) and cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so only
+the first process on a machine pays the ~30-second build. Where the CPU lacks AVX512-BF16, the build fails (a
+warning says why) or ``VITLAB_CPU_KERNELS=0`` is set, ``attention_kernel()`` returns None and the model keeps its
+torch-op path, which computes the same function more slowly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+# Flags under which ATen's vector header compiles its AVX-512 code path, plus the bf16 dot-product instruction the
+# kernel's matmuls are written in. The build is per machine, like inductor's.
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mavx512bf16",
+          "-DCPU_CAPABILITY_AVX512"]
+_NAME = "vitlab_cpu_attention_avx512_bf16"
+
+
+def supported() -> bool:
+    """Whether this CPU can run the kernel: AVX512-BF16 (e.g. AMD Zen 4 and later, Intel Cooper Lake, Sapphire
+    Rapids and later), with torch using its AVX-512 code path."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.cpu._is_avx512_bf16_supported()
+
+
+def _enabled() -> bool:
+    return os.environ.get("VITLAB_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    print(f"vitlab: loading the CPU attention kernel {_NAME} (built on first use, ~30 s, then cached by torch)",
+          file=sys.stderr, flush=True)
+    try:
+        # -fopenmp: at::parallel_for is a header template that runs threads only where OpenMP is compiled in; the
+        # library it links is libgomp.so.1, the one torch has already loaded.
+        return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                                  verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the torch-op path
+        warnings.warn(f"vitlab: could not build {_SOURCE.name} ({type(error).__name__}: {error}); bf16 attention "
+                      "on the CPU uses torch ops instead (same results, slower). Set VITLAB_CPU_KERNELS=0 to skip "
+                      "the build.", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def attention_kernel() -> ModuleType | None:
+    """The compiled module (``attention_forward(q, k, v, scale)``, ``attention_backward(q, k, v, dout, scale)``,
+    bf16 (B, H, N, hd) tensors with a dense last dimension and hd a multiple of 16), built on the first call; None
+    where it is switched off, the CPU lacks AVX512-BF16, or it cannot be built."""
+    if "module" not in _state:
+        with _lock:
+            if "module" not in _state:
+                _state["module"] = _build() if _enabled() and supported() else None
+    return _state["module"]

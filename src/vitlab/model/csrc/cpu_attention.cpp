@@ -1,0 +1,319 @@
+// Softmax attention for bf16 on CPUs with AVX512-BF16, one (sample, head) at a time: softmax(scale q k^T) v and
+// its gradient.
+//
+// Why it exists: at ViT sequence lengths (<= 256 tokens) PyTorch's CPU flash-attention kernel runs well below the
+// matmul rate, and the same function built from torch ops pays for fp32 copies of q and k (torch has no CPU bf16
+// matmul with an fp32 result; ATen's internal one runs at the fp32 rate without AMX), a separate softmax pass, a
+// cast pass and a layout copy. Here every matmul of a (sample, head) is a small register-tiled loop over
+// vdpbf16ps (bf16 pair products accumulated in fp32 lanes, the instruction oneDNN's bf16 kernels use), so the
+// logits come out in fp32 at the bf16 rate; the softmax reads and writes the (N, N) block while it is in cache, and
+// outputs are written straight into the (B, N, H, hd) layout the output projection reads.
+//
+// Precision is that of PyTorch's fused kernel and of vitlab's torch-op path: logits, softmax and its gradient in
+// fp32, probabilities and their gradient rounded to bf16 (nearest even) once for the matmuls, fp32 accumulation.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if !defined(__AVX512BF16__)
+#error "vitlab's CPU attention kernel is built with -mavx512bf16, on CPUs that have it"
+#endif
+
+namespace {
+
+using at::BFloat16;
+using fVec = at::vec::Vectorized<float>;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------------- matmul
+// B operands are packed as 32-bit (k, k+1) pairs, B[p][j] = (b[2p][j], b[2p+1][j]), the layout vdpbf16ps reads;
+// A operands are bf16 rows whose consecutive elements form the pairs.
+
+// C (R x 16 C, fp32, row stride ldc) = A (R rows of 2 kp bf16, row stride lda) x B (kp x 16 C pairs, row stride ldb)
+template <int R, int C>
+inline void dot_tile(const BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t kp, float* c,
+                     int64_t ldc) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < C; ++x) acc[r][x] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kp; ++p) {
+    __m512bh bv[C];
+    for (int x = 0; x < C; ++x) bv[x] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 16 * x);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int x = 0; x < C; ++x) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], av, bv[x]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < C; ++x) _mm512_storeu_ps(c + r * ldc + 16 * x, acc[r][x]);
+}
+
+template <int R>
+inline void dot_rows(const BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t kp, int64_t vectors,
+                     float* c, int64_t ldc) {
+  int64_t x = 0;
+  for (; x + 4 <= vectors; x += 4) dot_tile<R, 4>(a, lda, b + 16 * x, ldb, kp, c + 16 * x, ldc);
+  switch (vectors - x) {
+    case 3: dot_tile<R, 3>(a, lda, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
+    case 2: dot_tile<R, 2>(a, lda, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
+    case 1: dot_tile<R, 1>(a, lda, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
+    default: break;
+  }
+}
+
+// C (m x 16 vectors, fp32) = A (m x 2 kp, bf16) x B (packed pairs, kp x 16 vectors)
+void pair_matmul(int64_t m, int64_t kp, int64_t vectors, const BFloat16* a, int64_t lda, const uint32_t* b,
+                 int64_t ldb, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) dot_rows<4>(a + i * lda, lda, b, ldb, kp, vectors, c + i * ldc, ldc);
+  switch (m - i) {
+    case 3: dot_rows<3>(a + i * lda, lda, b, ldb, kp, vectors, c + i * ldc, ldc); break;
+    case 2: dot_rows<2>(a + i * lda, lda, b, ldb, kp, vectors, c + i * ldc, ldc); break;
+    case 1: dot_rows<1>(a + i * lda, lda, b, ldb, kp, vectors, c + i * ldc, ldc); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- packing
+// dst[p][j] = (y[j][2p], y[j][2p+1]) for y (n x d, row stride ld, d even); columns n..np-1 are zero. Packs k (v)
+// so that q k^T (dO v^T) is a pair_matmul.
+void pack_transposed_pairs(const BFloat16* y, int64_t ld, int64_t n, int64_t d, int64_t np, uint32_t* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const BFloat16* row = y + j * ld;
+    for (int64_t p = 0; p < d / 2; ++p) std::memcpy(dst + p * np + j, row + 2 * p, sizeof(uint32_t));
+  }
+  for (int64_t p = 0; p < d / 2; ++p)
+    for (int64_t j = n; j < np; ++j) dst[p * np + j] = 0;
+}
+
+inline __m512i interleave(__m256i lo, __m256i hi) {  // 16 pairs (lo[c], hi[c]) from two rows of 16 bf16
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
+
+// dst[m][c] = (y[2m][c], y[2m+1][c]) for the first `cols` (a multiple of 16) columns of y (n rows, row stride ld,
+// bf16 or fp32 rounded to bf16); a missing last row (n odd) is zero. Packs v (k, q, P, dS) as a B operand.
+void pack_row_pairs(const BFloat16* y, int64_t ld, int64_t n, int64_t cols, uint32_t* dst, int64_t ldd) {
+  for (int64_t m = 0; m < (n + 1) / 2; ++m) {
+    const BFloat16* r0 = y + 2 * m * ld;
+    const BFloat16* r1 = 2 * m + 1 < n ? r0 + ld : nullptr;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c));
+      const __m256i hi = r1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + c)) : _mm256_setzero_si256();
+      _mm512_storeu_si512(dst + m * ldd + c, interleave(lo, hi));
+    }
+  }
+}
+
+void pack_row_pairs(const float* y, int64_t ld, int64_t n, int64_t cols, uint32_t* dst, int64_t ldd) {
+  for (int64_t m = 0; m < (n + 1) / 2; ++m) {
+    const float* r0 = y + 2 * m * ld;
+    const float* r1 = 2 * m + 1 < n ? r0 + ld : nullptr;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + c));
+      const __m256i hi = r1 ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r1 + c)) : _mm256_setzero_si256();
+      _mm512_storeu_si512(dst + m * ldd + c, interleave(lo, hi));
+    }
+  }
+}
+
+// dst (d x ldd, bf16) = y^T for y (n x d, row stride ld); columns n..ldd-1 are zero. Makes q^T and dO^T A operands.
+void transpose_rows(const BFloat16* y, int64_t ld, int64_t n, int64_t d, BFloat16* dst, int64_t ldd) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) dst[c * ldd + j] = y[j * ld + c];
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = n; j < ldd; ++j) dst[c * ldd + j] = BFloat16(0.f);
+}
+
+// Rows of dst (row stride ldd) = src (rows x cols, row stride lds) rounded to bf16.
+inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, BFloat16* dst, int64_t ldd) {
+  for (int64_t i = 0; i < rows; ++i) at::vec::convert(src + i * lds, dst + i * ldd, cols);
+}
+
+// Rows of dst (row stride ldd) = src^T rounded to bf16, src being cols x (>= rows) with row stride lds.
+inline void store_rows_transposed(const float* src, int64_t lds, int64_t rows, int64_t cols, BFloat16* dst,
+                                  int64_t ldd) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[i * ldd + j] = BFloat16(src[j * lds + i]);
+}
+
+// Rows of dst (row stride ldd) = the first n columns of src's n rows (row stride lds) rounded to bf16, with a zero
+// column n when n is odd (the partner of the last pair when dst is an A operand).
+void rows_to_bf16(const float* src, int64_t lds, int64_t n, BFloat16* dst, int64_t ldd) {
+  for (int64_t r = 0; r < n; ++r) {
+    at::vec::convert(src + r * lds, dst + r * ldd, n);
+    if (n % 2) dst[r * ldd + n] = BFloat16(0.f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- softmax
+inline float hmax(const fVec& v) {
+  float a[fVec::size()];
+  v.store(a);
+  float m = a[0];
+  for (int64_t i = 1; i < fVec::size(); ++i) m = std::max(m, a[i]);
+  return m;
+}
+
+inline float hsum(const fVec& v) {
+  float a[fVec::size()];
+  v.store(a);
+  float m = 0.f;
+  for (int64_t i = 0; i < fVec::size(); ++i) m += a[i];
+  return m;
+}
+
+// In place over the first n columns of `rows` rows of s (row stride ld, fp32 logits without the scale):
+// s = softmax(scale * s) row by row.
+void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float scale) {
+  const int64_t V = fVec::size();
+  for (int64_t i = 0; i < rows; ++i) {
+    float* r = s + i * ld;
+    float mx = -std::numeric_limits<float>::infinity();
+    int64_t j = 0;
+    fVec vmx(mx);
+    for (; j + V <= n; j += V) vmx = at::vec::maximum(vmx, fVec::loadu(r + j));
+    mx = hmax(vmx);
+    for (; j < n; ++j) mx = std::max(mx, r[j]);
+    // exp(scale * (s - max)) = exp(scale * s - scale * max): one fused multiply-add per element.
+    const fVec vscale(scale), vshift(-scale * mx);
+    fVec vsum(0.f);
+    for (j = 0; j + V <= n; j += V) {
+      fVec e = at::vec::fmadd(fVec::loadu(r + j), vscale, vshift).exp_u20();
+      e.store(r + j);
+      vsum = vsum + e;
+    }
+    float sum = hsum(vsum);
+    for (; j < n; ++j) {
+      r[j] = std::exp(scale * r[j] - scale * mx);
+      sum += r[j];
+    }
+    const fVec vinv(1.f / sum);
+    for (j = 0; j + V <= n; j += V) (fVec::loadu(r + j) * vinv).store(r + j);
+    for (; j < n; ++j) r[j] *= 1.f / sum;
+  }
+}
+
+// dp = p * (dp - sum(p * dp)) * scale over one row of n: the softmax gradient with the scale of the logits.
+inline void softmax_grad_row(const float* p, float* dp, int64_t n, float scale) {
+  const int64_t V = fVec::size();
+  fVec acc(0.f);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) acc = at::vec::fmadd(fVec::loadu(p + j), fVec::loadu(dp + j), acc);
+  float dot = hsum(acc);
+  for (; j < n; ++j) dot += p[j] * dp[j];
+  const fVec vdot(dot), vscale(scale);
+  for (j = 0; j + V <= n; j += V) (fVec::loadu(p + j) * (fVec::loadu(dp + j) - vdot) * vscale).store(dp + j);
+  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - dot) * scale;
+}
+
+struct View {  // a (B, H, N, hd) bf16 tensor whose last dimension is dense
+  const BFloat16* data;
+  int64_t sb, sh, sn;
+  explicit View(const at::Tensor& t)
+      : data(t.const_data_ptr<BFloat16>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)) {}
+  const BFloat16* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+};
+
+void check(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4,
+              "vitlab cpu attention: ", name, " must be a 4-D bf16 CPU tensor (B, H, N, hd)");
+  TORCH_CHECK(t.sizes() == like.sizes(), "vitlab cpu attention: ", name, " has shape ", t.sizes(), ", expected ",
+              like.sizes());
+  TORCH_CHECK(t.stride(3) == 1, "vitlab cpu attention: ", name, "'s last dimension must be dense");
+}
+
+// Returns (B, H, N, hd), a view of a dense (B, N, H, hd) tensor: heads merged for the output projection for free.
+at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  check(q, "q", q);
+  check(k, "k", q);
+  check(v, "v", q);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), hd = q.size(3);
+  TORCH_CHECK(hd % 16 == 0, "vitlab cpu attention: the head dimension must be a multiple of 16, got ", hd);
+  auto out = at::empty({B, N, H, hd}, q.options());
+  BFloat16* o = out.data_ptr<BFloat16>();
+  const View Q(q), K(k), Vv(v);
+  const int64_t np = round_up(N, 16), pairs = (N + 1) / 2;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(N * np), ov(N * hd);
+    std::vector<BFloat16> p(N * np);
+    std::vector<uint32_t> kt(hd / 2 * np), vr(pairs * hd);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      pack_transposed_pairs(K.at(b, h), K.sn, N, hd, np, kt.data());
+      pair_matmul(N, hd / 2, np / 16, Q.at(b, h), Q.sn, kt.data(), np, s.data(), np);  // logits / scale
+      softmax_rows(s.data(), N, N, np, static_cast<float>(scale));
+      rows_to_bf16(s.data(), np, N, p.data(), np);
+      pack_row_pairs(Vv.at(b, h), Vv.sn, N, hd, vr.data(), hd);
+      pair_matmul(N, pairs, hd / 16, p.data(), np, vr.data(), hd, ov.data(), hd);
+      store_rows(ov.data(), hd, N, hd, o + (b * N * H + h) * hd, H * hd);
+    }
+  });
+  return out.permute({0, 2, 1, 3});
+}
+
+// Gradients of attention_forward: (dq, dk, dv), each (B, H, N, hd) as a view of a dense (B, N, H, hd) tensor.
+// The probabilities are recomputed from q and k (the forward saves nothing but q, k, v).
+std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& dout, double scale) {
+  check(q, "q", q);
+  check(k, "k", q);
+  check(v, "v", q);
+  check(dout, "grad_output", q);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), hd = q.size(3);
+  TORCH_CHECK(hd % 16 == 0, "vitlab cpu attention: the head dimension must be a multiple of 16, got ", hd);
+  auto dq = at::empty({B, N, H, hd}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
+  BFloat16 *dq_ = dq.data_ptr<BFloat16>(), *dk_ = dk.data_ptr<BFloat16>(), *dv_ = dv.data_ptr<BFloat16>();
+  const View Q(q), K(k), Vv(v), dO(dout);
+  const float fscale = static_cast<float>(scale);
+  const int64_t np = round_up(N, 16), pairs = (N + 1) / 2;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(N * np), dp(N * np), t(std::max(N, hd) * np);
+    std::vector<BFloat16> ds(N * np), at_(hd * np);
+    std::vector<uint32_t> kt(hd / 2 * np), vt(hd / 2 * np), rows(pairs * std::max(np, hd));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const int64_t off = (b * N * H + h) * hd, ld = H * hd;
+      const BFloat16 *qp = Q.at(b, h), *kp = K.at(b, h), *vp = Vv.at(b, h), *dop = dO.at(b, h);
+      // The probabilities P in fp32, as in the forward.
+      pack_transposed_pairs(kp, K.sn, N, hd, np, kt.data());
+      pair_matmul(N, hd / 2, np / 16, qp, Q.sn, kt.data(), np, s.data(), np);
+      softmax_rows(s.data(), N, N, np, fscale);
+      // dv = P^T dO, computed as dv^T = dO^T P (P packed by row pairs: no (N, N) transpose).
+      transpose_rows(dop, dO.sn, N, hd, at_.data(), 2 * pairs);
+      pack_row_pairs(s.data(), np, N, np, rows.data(), np);
+      pair_matmul(hd, pairs, np / 16, at_.data(), 2 * pairs, rows.data(), np, t.data(), np);
+      store_rows_transposed(t.data(), np, N, hd, dv_ + off, ld);
+      // dP = dO v^T in fp32; dS = P * (dP - rowsum(P * dP)) * scale, the softmax gradient, in fp32.
+      pack_transposed_pairs(vp, Vv.sn, N, hd, np, vt.data());
+      pair_matmul(N, hd / 2, np / 16, dop, dO.sn, vt.data(), np, dp.data(), np);
+      for (int64_t r = 0; r < N; ++r) softmax_grad_row(s.data() + r * np, dp.data() + r * np, N, fscale);
+      // dq = dS k
+      rows_to_bf16(dp.data(), np, N, ds.data(), np);
+      pack_row_pairs(kp, K.sn, N, hd, rows.data(), hd);
+      pair_matmul(N, pairs, hd / 16, ds.data(), np, rows.data(), hd, t.data(), hd);
+      store_rows(t.data(), hd, N, hd, dq_ + off, ld);
+      // dk = dS^T q, computed as dk^T = q^T dS.
+      transpose_rows(qp, Q.sn, N, hd, at_.data(), 2 * pairs);
+      pack_row_pairs(dp.data(), np, N, np, rows.data(), np);
+      pair_matmul(hd, pairs, np / 16, at_.data(), 2 * pairs, rows.data(), np, t.data(), np);
+      store_rows_transposed(t.data(), np, N, hd, dk_ + off, ld);
+    }
+  });
+  return {dq.permute({0, 2, 1, 3}), dk.permute({0, 2, 1, 3}), dv.permute({0, 2, 1, 3})};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attention_forward", &attention_forward, "softmax(scale q k^T) v for bf16 (B, H, N, hd) on the CPU");
+  m.def("attention_backward", &attention_backward, "(dq, dk, dv) of attention_forward");
+}
