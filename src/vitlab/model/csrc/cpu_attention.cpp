@@ -145,13 +145,10 @@ inline void store_rows_transposed(const float* src, int64_t lds, int64_t rows, i
     for (int64_t j = 0; j < cols; ++j) dst[i * ldd + j] = BFloat16(src[j * lds + i]);
 }
 
-// Rows of dst (row stride ldd) = the first n columns of src's n rows (row stride lds) rounded to bf16, with a zero
-// column n when n is odd (the partner of the last pair when dst is an A operand).
-void rows_to_bf16(const float* src, int64_t lds, int64_t n, BFloat16* dst, int64_t ldd) {
-  for (int64_t r = 0; r < n; ++r) {
-    at::vec::convert(src + r * lds, dst + r * ldd, n);
-    if (n % 2) dst[r * ldd + n] = BFloat16(0.f);
-  }
+// Rows of dst (row stride ld) = src's n rows (row stride ld, padding columns zero) rounded to bf16: the zero
+// padding is the partner of the last pair when n is odd and dst is an A operand.
+void rows_to_bf16(const float* src, int64_t n, int64_t ld, BFloat16* dst) {
+  for (int64_t r = 0; r < n; ++r) at::vec::convert(src + r * ld, dst + r * ld, ld);
 }
 
 // ---------------------------------------------------------------------------------------------------- softmax
@@ -171,48 +168,39 @@ inline float hsum(const fVec& v) {
   return m;
 }
 
-// In place over the first n columns of `rows` rows of s (row stride ld, fp32 logits without the scale):
-// s = softmax(scale * s) row by row.
+// In place over `rows` rows of s (row stride ld, a multiple of 16; fp32 logits without the scale, valid in the
+// first n columns): s = softmax(scale * s) row by row, the padding columns n..ld-1 set to 0. The padding takes part
+// as -inf (exp_u20 maps it to 0), so every loop runs on whole vectors: a scalar exp on the last n % 16 columns
+// took as long as the vector work on the other 192 at 197 tokens.
 void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float scale) {
   const int64_t V = fVec::size();
+  const fVec vscale(scale);
   for (int64_t i = 0; i < rows; ++i) {
     float* r = s + i * ld;
-    float mx = -std::numeric_limits<float>::infinity();
-    int64_t j = 0;
-    fVec vmx(mx);
-    for (; j + V <= n; j += V) vmx = at::vec::maximum(vmx, fVec::loadu(r + j));
-    mx = hmax(vmx);
-    for (; j < n; ++j) mx = std::max(mx, r[j]);
+    for (int64_t j = n; j < ld; ++j) r[j] = -std::numeric_limits<float>::infinity();
+    fVec vmx(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < ld; j += V) vmx = at::vec::maximum(vmx, fVec::loadu(r + j));
     // exp(scale * (s - max)) = exp(scale * s - scale * max): one fused multiply-add per element.
-    const fVec vscale(scale), vshift(-scale * mx);
+    const fVec vshift(-scale * hmax(vmx));
     fVec vsum(0.f);
-    for (j = 0; j + V <= n; j += V) {
-      fVec e = at::vec::fmadd(fVec::loadu(r + j), vscale, vshift).exp_u20();
+    for (int64_t j = 0; j < ld; j += V) {
+      const fVec e = at::vec::fmadd(fVec::loadu(r + j), vscale, vshift).exp_u20();
       e.store(r + j);
       vsum = vsum + e;
     }
-    float sum = hsum(vsum);
-    for (; j < n; ++j) {
-      r[j] = std::exp(scale * r[j] - scale * mx);
-      sum += r[j];
-    }
-    const fVec vinv(1.f / sum);
-    for (j = 0; j + V <= n; j += V) (fVec::loadu(r + j) * vinv).store(r + j);
-    for (; j < n; ++j) r[j] *= 1.f / sum;
+    const fVec vinv(1.f / hsum(vsum));
+    for (int64_t j = 0; j < ld; j += V) (fVec::loadu(r + j) * vinv).store(r + j);
   }
 }
 
-// dp = p * (dp - sum(p * dp)) * scale over one row of n: the softmax gradient with the scale of the logits.
-inline void softmax_grad_row(const float* p, float* dp, int64_t n, float scale) {
+// dp = p * (dp - sum(p * dp)) * scale over one row of ld (a multiple of 16) columns: the softmax gradient with the
+// scale of the logits. Padding columns hold p = 0 and stay 0.
+inline void softmax_grad_row(const float* p, float* dp, int64_t ld, float scale) {
   const int64_t V = fVec::size();
   fVec acc(0.f);
-  int64_t j = 0;
-  for (; j + V <= n; j += V) acc = at::vec::fmadd(fVec::loadu(p + j), fVec::loadu(dp + j), acc);
-  float dot = hsum(acc);
-  for (; j < n; ++j) dot += p[j] * dp[j];
-  const fVec vdot(dot), vscale(scale);
-  for (j = 0; j + V <= n; j += V) (fVec::loadu(p + j) * (fVec::loadu(dp + j) - vdot) * vscale).store(dp + j);
-  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - dot) * scale;
+  for (int64_t j = 0; j < ld; j += V) acc = at::vec::fmadd(fVec::loadu(p + j), fVec::loadu(dp + j), acc);
+  const fVec vdot(hsum(acc)), vscale(scale);
+  for (int64_t j = 0; j < ld; j += V) (fVec::loadu(p + j) * (fVec::loadu(dp + j) - vdot) * vscale).store(dp + j);
 }
 
 struct View {  // a (B, H, N, hd) bf16 tensor whose last dimension is dense
@@ -251,7 +239,7 @@ at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
       pack_transposed_pairs(K.at(b, h), K.sn, N, hd, np, kt.data());
       pair_matmul(N, hd / 2, np / 16, Q.at(b, h), Q.sn, kt.data(), np, s.data(), np);  // logits / scale
       softmax_rows(s.data(), N, N, np, static_cast<float>(scale));
-      rows_to_bf16(s.data(), np, N, p.data(), np);
+      rows_to_bf16(s.data(), N, np, p.data());
       pack_row_pairs(Vv.at(b, h), Vv.sn, N, hd, vr.data(), hd);
       pair_matmul(N, pairs, hd / 16, p.data(), np, vr.data(), hd, ov.data(), hd);
       store_rows(ov.data(), hd, N, hd, o + (b * N * H + h) * hd, H * hd);
@@ -295,9 +283,9 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor
       // dP = dO v^T in fp32; dS = P * (dP - rowsum(P * dP)) * scale, the softmax gradient, in fp32.
       pack_transposed_pairs(vp, Vv.sn, N, hd, np, vt.data());
       pair_matmul(N, hd / 2, np / 16, dop, dO.sn, vt.data(), np, dp.data(), np);
-      for (int64_t r = 0; r < N; ++r) softmax_grad_row(s.data() + r * np, dp.data() + r * np, N, fscale);
+      for (int64_t r = 0; r < N; ++r) softmax_grad_row(s.data() + r * np, dp.data() + r * np, np, fscale);
       // dq = dS k
-      rows_to_bf16(dp.data(), np, N, ds.data(), np);
+      rows_to_bf16(dp.data(), N, np, ds.data());
       pack_row_pairs(kp, K.sn, N, hd, rows.data(), hd);
       pair_matmul(N, pairs, hd / 16, ds.data(), np, rows.data(), hd, t.data(), hd);
       store_rows(t.data(), hd, N, hd, dq_ + off, ld);
