@@ -5,8 +5,8 @@
 # $OUT/sweep.json (name, overrides, final metrics and the validation curve of every run) and $OUT/sweep.txt.
 #   usage: OUT=dir DATA=path/to/cifar10 [LIMIT_S=520] [VARIANTS="$(cat FILE)"] bash scripts/gpu_recipe_sweep.sh
 # A variant is "name: --set k=v ..."; the default list below is sweep 1, results/train/gpu-sweep/sweep2.variants
-# is sweep 2. The variants change the recipe as it was swept, with weight decay 0.05 (pinned in COMMON, since the
-# preset has moved to 0.1; a variant's own --set comes later and wins).
+# is sweep 2. The variants change the recipe as it was swept, with weight decay 0.05 and lr 2e-3 (pinned in COMMON,
+# since the preset has moved to 0.1 and 1e-3; a variant's own --set comes later and wins).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/train/gpu-sweep}
@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 # On the CPU the preset spends 80% of the clock at 24 px, which is ~87% of the steps (a 24-px step is ~1.6x faster).
-COMMON="--set weight_decay=0.05 --set budget_minutes=null --set low_res_fraction=0.87 --set eval_every=25 \
+COMMON="--set weight_decay=0.05 --set lr=0.002 --set budget_minutes=null --set low_res_fraction=0.87 --set eval_every=25 \
 --set threads=2 --set checkpoint_every=100000"
 VARIANTS=${VARIANTS:-"e150-s0: --set epochs=150
 e150-s1: --set epochs=150 --set seed=1

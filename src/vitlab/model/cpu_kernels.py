@@ -33,7 +33,8 @@ _NAME = "vitlab_cpu_attention_avx512_bf16"
 def supported() -> bool:
     """Whether this CPU can run the kernel: AVX512-BF16 (e.g. AMD Zen 4 and later, Intel Cooper Lake, Sapphire
     Rapids and later), with torch using its AVX-512 code path."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.cpu._is_avx512_bf16_supported()
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(has_bf16())
 
 
 def _enabled() -> bool:
@@ -43,9 +44,10 @@ def _enabled() -> bool:
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    print(f"vitlab: loading the CPU attention kernel {_NAME} (built on first use, ~30 s, then cached by torch)",
-          file=sys.stderr, flush=True)
     try:
+        if not (Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").exists():
+            print(f"vitlab: building the CPU attention kernel {_NAME} (~30 s, once; torch caches it)",
+                  file=sys.stderr, flush=True)
         # -fopenmp: at::parallel_for is a header template that runs threads only where OpenMP is compiled in; the
         # library it links is libgomp.so.1, the one torch has already loaded.
         return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],

@@ -218,17 +218,19 @@ def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 
 class _ReducedPrecisionAttention(torch.autograd.Function):
-    """Softmax attention (B, H, N, hd) whose forward is ``_sliced_attention`` and whose backward recomputes the
-    (B, H, N, N) probabilities with batched matmuls, in fp32 where it matters (logits, softmax, their gradient).
+    """Softmax attention (B, H, N, hd) whose forward is ``_short_attention`` and whose backward recomputes the
+    (B, H, N, N) probabilities, in fp32 where it matters (logits, softmax, their gradient): in the C++ kernel
+    where ``_cpu_kernel_for`` finds it (bf16, AVX512-BF16), else with batched matmuls over slices of the batch.
 
     Used for bf16/fp16 training on CPU with short sequences, where PyTorch's fused flash-attention backward runs
-    at a fraction of the matmul rate: forward+backward on 2 threads take 14.2 instead of 40.4 ms for the CIFAR
-    model's 64 tokens (batch 128, 4 heads), 6.4 instead of 33.7 ms at its 36 and 29.2 instead of 40.9 ms for
-    ViT-S/16's 197 (batch 16, 6 heads; ``scripts/attention_timing.py``). Longer sequences keep the fused kernel
-    (``_SHORT_SEQUENCE``): one sample's (N, N) temporaries grow as N^2. It saves less than the fused kernel (q, k,
-    v, without its output and log-sum-exp). The backward walks the batch in slices of at most
-    ``_BACKWARD_ELEMENTS`` probabilities, so its (N, N) temporaries stay a few MB (whole-batch temporaries made
-    the CIFAR model's training peak 8% above timm's) and stay in cache.
+    at a fraction of the matmul rate. Forward+backward on 2 threads (``scripts/attention_timing.py``, docs/speed.md),
+    SDPA / torch-op path / kernel: 49.9 / 22.5 / 9.1 ms for the CIFAR model's 64 tokens (batch 128, 4 heads),
+    41.8 / 8.5 / 4.4 ms at its 36, and 45.0 / 35.6 / 20.8 ms for ViT-S/16's 197 (batch 16, 6 heads). Longer
+    sequences keep the fused kernel (``_SHORT_SEQUENCE``): one sample's (N, N) temporaries grow as N^2. It saves
+    less than the fused kernel (q, k, v, without its output and log-sum-exp). The torch-op backward walks the batch
+    in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its (N, N) temporaries stay a few MB
+    (whole-batch temporaries made the CIFAR model's training peak 8% above timm's) and stay in cache; the kernel
+    holds one (sample, head) at a time.
     """
 
     @staticmethod
