@@ -41,13 +41,22 @@ def _enabled() -> bool:
     return os.environ.get("VITLAB_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _cached(cpp_extension: ModuleType) -> bool:
+    """Whether torch already holds a build (only to decide whether to announce one: torch's build directory is
+    private API, so a failure here must not cost the kernel itself)."""
+    try:
+        return (Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").exists()
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
+    if not _cached(cpp_extension):
+        print(f"vitlab: building the CPU attention kernel {_NAME} (~30 s, once; torch caches it)",
+              file=sys.stderr, flush=True)
     try:
-        if not (Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").exists():
-            print(f"vitlab: building the CPU attention kernel {_NAME} (~30 s, once; torch caches it)",
-                  file=sys.stderr, flush=True)
         # -fopenmp: at::parallel_for is a header template that runs threads only where OpenMP is compiled in; the
         # library it links is libgomp.so.1, the one torch has already loaded.
         return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
