@@ -109,11 +109,17 @@ def test_intermediates_still_match_forward() -> None:
 
 
 def _attention_grads(fn, base: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and qkv gradient of ``fn(qkv)``, qkv (B, N, 3, H, hd) as the model's projection makes it."""
     qkv = base.clone().requires_grad_()
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
-    out = fn(q, k, v)
+    out = fn(qkv)
     out.backward(grad)
     return out.detach(), qkv.grad
+
+
+def _sdpa(qkv: torch.Tensor) -> torch.Tensor:
+    from vitlab.model.layers import _split_heads
+
+    return torch.nn.functional.scaled_dot_product_attention(*_split_heads(qkv))
 
 
 @pytest.mark.parametrize("slice_elements", [2**18, 2 * 7 * 7 * 2])  # whole batch; two samples per slice
@@ -126,7 +132,7 @@ def test_reduced_precision_attention_backward_is_the_softmax_attention_gradient(
     base = torch.randn(5, 7, 3, 2, 8, dtype=torch.float64)  # B, N, 3, H, hd (5: the last slice is partial)
     grad = torch.randn(5, 2, 7, 8, dtype=torch.float64)
     out, g = _attention_grads(_ReducedPrecisionAttention.apply, base, grad)
-    ref_out, ref_g = _attention_grads(torch.nn.functional.scaled_dot_product_attention, base, grad)
+    ref_out, ref_g = _attention_grads(_sdpa, base, grad)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(g, ref_g)
 
@@ -156,10 +162,10 @@ def test_reduced_precision_attention_bf16_error_is_that_of_the_fused_kernel(batc
 
     base = torch.randn(batch, tokens, 3, heads, 64)
     grad = torch.randn(batch, heads, tokens, 64)
-    _, exact = _attention_grads(torch.nn.functional.scaled_dot_product_attention, base.bfloat16().double(),
+    _, exact = _attention_grads(_sdpa, base.bfloat16().double(),
                                 grad.bfloat16().double())
     _, ours = _attention_grads(_ReducedPrecisionAttention.apply, base.bfloat16(), grad.bfloat16())
-    _, fused = _attention_grads(torch.nn.functional.scaled_dot_product_attention, base.bfloat16(), grad.bfloat16())
+    _, fused = _attention_grads(_sdpa, base.bfloat16(), grad.bfloat16())
     err_ours = (ours.double() - exact).abs().max()
     err_fused = (fused.double() - exact).abs().max()
     assert err_ours <= 2 * err_fused + 1e-3, (err_ours, err_fused)

@@ -61,10 +61,14 @@ def test_forward_hand_computed() -> None:
 
 
 def _grads(fn, base: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of qkv (B, N, 3, H, hd) through ``fn(qkv)``."""
     qkv = base.clone().requires_grad_()
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    fn(q, k, v).backward(grad)
+    fn(qkv).backward(grad)
     return qkv.grad
+
+
+def _sdpa(qkv: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(*layers._split_heads(qkv))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -72,9 +76,9 @@ def test_gradients_error_is_that_of_the_fused_kernel(shape) -> None:
     batch, tokens, heads, hd = shape
     base, _ = _views(*shape)
     grad = torch.randn(batch, heads, tokens, hd, generator=torch.Generator().manual_seed(1)).bfloat16()
-    exact = _grads(F.scaled_dot_product_attention, base.double(), grad.double())
+    exact = _grads(_sdpa, base.double(), grad.double())
     ours = _grads(layers._ReducedPrecisionAttention.apply, base, grad)
-    fused = _grads(F.scaled_dot_product_attention, base, grad)
+    fused = _grads(_sdpa, base, grad)
     assert ours.dtype == torch.bfloat16
     assert _rel(ours, exact) <= 1.2 * _rel(fused, exact), (_rel(ours, exact), _rel(fused, exact))
 
@@ -82,7 +86,10 @@ def test_gradients_error_is_that_of_the_fused_kernel(shape) -> None:
 def test_backward_called_directly_matches_fp64() -> None:
     _, (q, k, v) = _views(2, 21, 3, 16)
     dout = torch.randn(2, 3, 21, 16).bfloat16()
-    dq, dk, dv = kernel.attention_backward(q, k, v, dout, 0.25)
+    dqkv = kernel.attention_backward(q, k, v, dout, 0.25)
+    # One dense tensor in the qkv projection's layout (B, N, 3, H, hd), dq, dk, dv side by side.
+    assert dqkv.shape == (2, 21, 3, 3, 16) and dqkv.is_contiguous()
+    dq, dk, dv = layers._split_heads(dqkv)
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     F.scaled_dot_product_attention(qd, kd, vd, scale=0.25).backward(dout.double())
     for ours, exact in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):

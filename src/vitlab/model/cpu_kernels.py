@@ -69,9 +69,10 @@ def _build() -> ModuleType | None:
 
 
 def attention_kernel() -> ModuleType | None:
-    """The compiled module (``attention_forward(q, k, v, scale)``, ``attention_backward(q, k, v, dout, scale)``,
-    bf16 (B, H, N, hd) tensors with a dense last dimension and hd a multiple of 16), built on the first call; None
-    where it is switched off, the CPU lacks AVX512-BF16, or it cannot be built."""
+    """The compiled module, built on the first call: ``attention_forward(q, k, v, scale)`` on bf16 (B, H, N, hd)
+    tensors with a dense last dimension, even strides and hd a multiple of 16, and ``attention_backward(q, k, v,
+    dout, scale)``, which returns dq, dk, dv as one (B, N, 3, H, hd) tensor. None where it is switched off, the CPU
+    lacks AVX512-BF16, or it cannot be built."""
     if "module" not in _state:
         with _lock:
             if "module" not in _state:

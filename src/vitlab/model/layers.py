@@ -179,6 +179,8 @@ def _cpu_kernel_for(q: torch.Tensor):
     if q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 16 or torch.compiler.is_compiling() \
             or torch.compiler.is_exporting():
         return None
+    if q.stride(-1) != 1 or any(st % 2 for st in q.stride()[:-1]) or q.storage_offset() % 2:
+        return None  # it reads rows as bf16 pairs; the model's q, k, v views always qualify
     return attention_kernel()
 
 
@@ -218,49 +220,59 @@ def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 
 class _ReducedPrecisionAttention(torch.autograd.Function):
-    """Softmax attention (B, H, N, hd) whose forward is ``_short_attention`` and whose backward recomputes the
-    (B, H, N, N) probabilities, in fp32 where it matters (logits, softmax, their gradient): in the C++ kernel
-    where ``_cpu_kernel_for`` finds it (bf16, AVX512-BF16), else with batched matmuls over slices of the batch.
+    """Softmax attention of the qkv projection's output (B, N, 3, H, hd), returning (B, H, N, hd), whose forward is
+    ``_short_attention`` and whose backward recomputes the (B, H, N, N) probabilities, in fp32 where it matters
+    (logits, softmax, their gradient): in the C++ kernel where ``_cpu_kernel_for`` finds it (bf16, AVX512-BF16),
+    else with batched matmuls over slices of the batch. Taking qkv whole lets the backward hand back one gradient
+    in qkv's own layout, where separate dq, dk, dv would be stacked and re-laid out by autograd (two copies).
 
     Used for bf16/fp16 training on CPU with short sequences, where PyTorch's fused flash-attention backward runs
     at a fraction of the matmul rate. Forward+backward on 2 threads (``scripts/attention_timing.py``, docs/speed.md),
     SDPA / torch-op path / kernel: 49.9 / 22.5 / 9.1 ms for the CIFAR model's 64 tokens (batch 128, 4 heads),
     41.8 / 8.5 / 4.4 ms at its 36, and 45.0 / 35.6 / 20.8 ms for ViT-S/16's 197 (batch 16, 6 heads). Longer
     sequences keep the fused kernel (``_SHORT_SEQUENCE``): one sample's (N, N) temporaries grow as N^2. It saves
-    less than the fused kernel (q, k, v, without its output and log-sum-exp). The torch-op backward walks the batch
+    less than the fused kernel (qkv, without its output and log-sum-exp). The torch-op backward walks the batch
     in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its (N, N) temporaries stay a few MB
     (whole-batch temporaries made the CIFAR model's training peak 8% above timm's) and stay in cache; the kernel
     holds one (sample, head) at a time.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(q, k, v)
-        return _short_attention(q, k, v)
+    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(qkv)
+        return _short_attention(*_split_heads(qkv))
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = ctx.saved_tensors
+    def backward(ctx, do: torch.Tensor) -> torch.Tensor:
+        (qkv,) = ctx.saved_tensors
+        q, k, v = _split_heads(qkv)
         B, H, N, hd = q.shape
         dt, scale = q.dtype, hd**-0.5
         kernel = _cpu_kernel_for(q)
         if kernel is not None:
-            return tuple(kernel.attention_backward(q, k, v, do if do.stride(-1) == 1 else do.contiguous(), scale))
+            return kernel.attention_backward(q, k, v, do if do.stride(-1) == 1 else do.contiguous(), scale)
         acc = torch.promote_types(dt, torch.float32)
-        dq, dk, dv = (torch.empty(t.shape, dtype=dt, device=t.device) for t in (q, k, v))
+        dqkv = torch.empty(qkv.shape, dtype=dt, device=qkv.device)
+        dq, dk, dv = _split_heads(dqkv)
         step = max(1, _BACKWARD_ELEMENTS // (H * N * N))
         for start in range(0, B, step):
             s = slice(start, start + step)
             # The logits in fp32: rounding them to bf16 would perturb the probabilities by ~|logit| * 2^-8.
             p = torch.softmax(torch.matmul(q[s].to(acc), k[s].to(acc).transpose(-2, -1)).mul_(scale), dim=-1)
-            torch.matmul(p.to(dt).transpose(-2, -1), do[s], out=dv[s])  # b, H, N, hd
+            dv[s] = torch.matmul(p.to(dt).transpose(-2, -1), do[s])  # b, H, N, hd
             dp = torch.matmul(do[s], v[s].transpose(-2, -1)).to(acc)  # b, H, N, N
             # Softmax backward: ds = p * (dp - sum_j p_ij dp_ij), all in fp32, cast once for the matmuls.
             pdp = p * dp
             ds = pdp.sub_(p.mul_(pdp.sum(dim=-1, keepdim=True))).mul_(scale).to(dt)
-            torch.matmul(ds, k[s], out=dq[s])
-            torch.matmul(ds.transpose(-2, -1), q[s], out=dk[s])
-        return dq, dk, dv
+            dq[s] = torch.matmul(ds, k[s])
+            dk[s] = torch.matmul(ds.transpose(-2, -1), q[s])
+        return dqkv
+
+
+def _split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v, each (B, H, N, hd), as views of the qkv projection's output (B, N, 3, H, hd)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 _BACKWARD_ELEMENTS = 2**18  # probabilities per backward slice: 1 MB in fp32
@@ -268,13 +280,15 @@ _FORWARD_ELEMENTS = 2**18  # per forward slice; 2^20 measured about the same, 2^
 _SHORT_SEQUENCE = 256  # measured faster than the fused backward at 64 and 197 tokens (docs/speed.md)
 
 
-def _short_low_precision_on_cpu(q: torch.Tensor) -> bool:
-    """Whether vitlab's sliced attention beats SDPA's CPU kernel for ``q`` (B, H, N, hd)."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= _SHORT_SEQUENCE
+def _short_low_precision_on_cpu(t: torch.Tensor, tokens: int) -> bool:
+    """Whether vitlab's attention beats SDPA's CPU kernel for ``tokens`` tokens of q, k, v like ``t``."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and tokens <= _SHORT_SEQUENCE
 
 
-def _use_reduced_precision_attention(q: torch.Tensor, dropout: float) -> bool:
-    return (dropout == 0.0 and q.requires_grad and torch.is_grad_enabled() and _short_low_precision_on_cpu(q)
+def _use_reduced_precision_attention(qkv: torch.Tensor, dropout: float) -> bool:
+    """Whether training attention takes ``_ReducedPrecisionAttention``, for qkv (B, N, 3, H, hd)."""
+    return (dropout == 0.0 and qkv.requires_grad and torch.is_grad_enabled()
+            and _short_low_precision_on_cpu(qkv, qkv.shape[1])
             # torch.compile traces the Function too (compiled CIFAR bf16 training step 3.61 s vs 4.29 s with
             # the fused kernel's backward); export keeps the standard op.
             and not torch.compiler.is_exporting())
@@ -298,13 +312,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.proj_drop = nn.Dropout(dropout)
 
-    def _qkv(self, x: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v (each B, H, N, hd) from ``project`` (default ``self.qkv``; the inference paths pass theirs)."""
+    def _qkv(self, x: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The (B, N, 3, H, hd) projection from ``project`` (default ``self.qkv``; the inference paths pass theirs)."""
         B, N, D = x.shape
-        qkv = (project or self.qkv)(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # B, N, 3, H, hd
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B, H, N, hd
-        return q, k, v
+        return (project or self.qkv)(x).reshape(B, N, 3, self.num_heads, self.head_dim)
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
         B, H, N, hd = o.shape
@@ -312,17 +323,17 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(o))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
+        qkv = self._qkv(x)
         p = self.attention_dropout if self.training else 0.0
-        if _use_reduced_precision_attention(q, p):
-            return self._out(_ReducedPrecisionAttention.apply(q, k, v))
-        return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=p))
+        if _use_reduced_precision_attention(qkv, p):
+            return self._out(_ReducedPrecisionAttention.apply(qkv))
+        return self._out(F.scaled_dot_product_attention(*_split_heads(qkv), dropout_p=p))
 
     def _attend_no_grad(self, x: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Inference attention up to (not including) the output projection: (B, N, D), heads merged."""
         B, N, D = x.shape
-        q, k, v = self._qkv(x, project)
-        o = _short_attention(q, k, v) if _short_low_precision_on_cpu(q) else F.scaled_dot_product_attention(q, k, v)
+        q, k, v = _split_heads(self._qkv(x, project))
+        o = _short_attention(q, k, v) if _short_low_precision_on_cpu(q, N) else F.scaled_dot_product_attention(q, k, v)
         return o.transpose(1, 2).reshape(B, N, D)
 
     def attend_fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -334,7 +345,7 @@ class Attention(nn.Module):
         return _cast_linear(self._attend_no_grad(x, lambda t: _cast_linear(t, self.qkv, dtype)), self.proj, dtype)
 
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self._qkv(x)
+        q, k, v = _split_heads(self._qkv(x))
         logits = (q * self.scale) @ k.transpose(-2, -1)  # B, H, N, N
         probs = logits.softmax(dim=-1)
         dropped = F.dropout(probs, self.attention_dropout, self.training)

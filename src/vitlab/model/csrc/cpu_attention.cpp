@@ -33,13 +33,16 @@ using fVec = at::vec::Vectorized<float>;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------------- matmul
-// B operands are packed as 32-bit (k, k+1) pairs, B[p][j] = (b[2p][j], b[2p+1][j]), the layout vdpbf16ps reads;
-// A operands are bf16 rows whose consecutive elements form the pairs.
+// B operands are packed as 32-bit (k, k+1) pairs, B[p][j] = (b[2p][j], b[2p+1][j]), the layout vdpbf16ps reads.
+// A operands are read pair by pair: pair p of row r is the 32-bit word a[r * a_row + p * a_pair]. A bf16 row
+// whose consecutive elements form the pairs has (a_row, a_pair) = (row stride / 2, 1); a matrix packed by row
+// pairs, read as its own transpose, has (1, row stride): that is how P^T dO and dS^T q run without transposing.
+using Pair = uint32_t __attribute__((__may_alias__));  // pairs are read from bf16 buffers
 
-// C (R x 16 C, fp32, row stride ldc) = A (R rows of 2 kp bf16, row stride lda) x B (kp x 16 C pairs, row stride ldb)
+// C (R x 16 C, fp32, row stride ldc) = A (R rows of kp pairs) x B (kp x 16 C pairs, row stride ldb)
 template <int R, int C>
-inline void dot_tile(const BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t kp, float* c,
-                     int64_t ldc) {
+inline void dot_tile(const Pair* a, int64_t a_row, int64_t a_pair, const uint32_t* b, int64_t ldb, int64_t kp,
+                     float* c, int64_t ldc) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int x = 0; x < C; ++x) acc[r][x] = _mm512_setzero_ps();
@@ -47,9 +50,7 @@ inline void dot_tile(const BFloat16* a, int64_t lda, const uint32_t* b, int64_t 
     __m512bh bv[C];
     for (int x = 0; x < C; ++x) bv[x] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 16 * x);
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_row + p * a_pair]));
       for (int x = 0; x < C; ++x) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], av, bv[x]);
     }
   }
@@ -58,41 +59,52 @@ inline void dot_tile(const BFloat16* a, int64_t lda, const uint32_t* b, int64_t 
 }
 
 template <int R>
-inline void dot_rows(const BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t kp, int64_t vectors,
-                     float* c, int64_t ldc) {
+inline void dot_rows(const Pair* a, int64_t a_row, int64_t a_pair, const uint32_t* b, int64_t ldb, int64_t kp,
+                     int64_t vectors, float* c, int64_t ldc) {
   int64_t x = 0;
-  for (; x + 4 <= vectors; x += 4) dot_tile<R, 4>(a, lda, b + 16 * x, ldb, kp, c + 16 * x, ldc);
+  for (; x + 4 <= vectors; x += 4) dot_tile<R, 4>(a, a_row, a_pair, b + 16 * x, ldb, kp, c + 16 * x, ldc);
   switch (vectors - x) {
-    case 3: dot_tile<R, 3>(a, lda, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
-    case 2: dot_tile<R, 2>(a, lda, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
-    case 1: dot_tile<R, 1>(a, lda, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
+    case 3: dot_tile<R, 3>(a, a_row, a_pair, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
+    case 2: dot_tile<R, 2>(a, a_row, a_pair, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
+    case 1: dot_tile<R, 1>(a, a_row, a_pair, b + 16 * x, ldb, kp, c + 16 * x, ldc); break;
     default: break;
   }
 }
 
-// C (m x 16 vectors, fp32) = A (m x 2 kp, bf16) x B (packed pairs, kp x 16 vectors)
-void pair_matmul(int64_t m, int64_t kp, int64_t vectors, const BFloat16* a, int64_t lda, const uint32_t* b,
-                 int64_t ldb, float* c, int64_t ldc) {
+// C (m x 16 vectors, fp32, row stride ldc) = A (m rows of kp pairs, strides a_row, a_pair) x B (kp x 16 vectors)
+void pair_matmul(int64_t m, int64_t kp, int64_t vectors, const Pair* a, int64_t a_row, int64_t a_pair,
+                 const uint32_t* b, int64_t ldb, float* c, int64_t ldc) {
   int64_t i = 0;
-  for (; i + 4 <= m; i += 4) dot_rows<4>(a + i * lda, lda, b, ldb, kp, vectors, c + i * ldc, ldc);
+  for (; i + 4 <= m; i += 4) dot_rows<4>(a + i * a_row, a_row, a_pair, b, ldb, kp, vectors, c + i * ldc, ldc);
+  const Pair* at = a + i * a_row;
   switch (m - i) {
-    case 3: dot_rows<3>(a + i * lda, lda, b, ldb, kp, vectors, c + i * ldc, ldc); break;
-    case 2: dot_rows<2>(a + i * lda, lda, b, ldb, kp, vectors, c + i * ldc, ldc); break;
-    case 1: dot_rows<1>(a + i * lda, lda, b, ldb, kp, vectors, c + i * ldc, ldc); break;
+    case 3: dot_rows<3>(at, a_row, a_pair, b, ldb, kp, vectors, c + i * ldc, ldc); break;
+    case 2: dot_rows<2>(at, a_row, a_pair, b, ldb, kp, vectors, c + i * ldc, ldc); break;
+    case 1: dot_rows<1>(at, a_row, a_pair, b, ldb, kp, vectors, c + i * ldc, ldc); break;
     default: break;
   }
+}
+
+// The same with A given as bf16 rows (row stride lda, even) whose consecutive elements form the pairs.
+inline void row_matmul(int64_t m, int64_t kp, int64_t vectors, const BFloat16* a, int64_t lda, const uint32_t* b,
+                       int64_t ldb, float* c, int64_t ldc) {
+  pair_matmul(m, kp, vectors, reinterpret_cast<const Pair*>(a), lda / 2, 1, b, ldb, c, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------------- packing
-// dst[p][j] = (y[j][2p], y[j][2p+1]) for y (n x d, row stride ld, d even); columns n..np-1 are zero. Packs k (v)
-// so that q k^T (dO v^T) is a pair_matmul.
+// dst[p][j] = (y[j][2p], y[j][2p+1]) for y (n x d, row stride ld, both even), columns n..np-1 zero (np a multiple
+// of 16): the transpose of y read as 32-bit pairs, gathered 16 rows at a time. Packs k (v) so that q k^T (dO v^T)
+// is a pair_matmul.
 void pack_transposed_pairs(const BFloat16* y, int64_t ld, int64_t n, int64_t d, int64_t np, uint32_t* dst) {
-  for (int64_t j = 0; j < n; ++j) {
-    const BFloat16* row = y + j * ld;
-    for (int64_t p = 0; p < d / 2; ++p) std::memcpy(dst + p * np + j, row + 2 * p, sizeof(uint32_t));
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(ld / 2)));
+  for (int64_t j = 0; j < np; j += 16) {
+    const __mmask16 live = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const BFloat16* base = y + j * ld;
+    for (int64_t p = 0; p < d / 2; ++p)
+      _mm512_storeu_si512(dst + p * np + j,
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, base + 2 * p, 4));
   }
-  for (int64_t p = 0; p < d / 2; ++p)
-    for (int64_t j = n; j < np; ++j) dst[p * np + j] = 0;
 }
 
 inline __m512i interleave(__m256i lo, __m256i hi) {  // 16 pairs (lo[c], hi[c]) from two rows of 16 bf16
@@ -125,24 +137,9 @@ void pack_row_pairs(const float* y, int64_t ld, int64_t n, int64_t cols, uint32_
   }
 }
 
-// dst (d x ldd, bf16) = y^T for y (n x d, row stride ld); columns n..ldd-1 are zero. Makes q^T and dO^T A operands.
-void transpose_rows(const BFloat16* y, int64_t ld, int64_t n, int64_t d, BFloat16* dst, int64_t ldd) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t c = 0; c < d; ++c) dst[c * ldd + j] = y[j * ld + c];
-  for (int64_t c = 0; c < d; ++c)
-    for (int64_t j = n; j < ldd; ++j) dst[c * ldd + j] = BFloat16(0.f);
-}
-
 // Rows of dst (row stride ldd) = src (rows x cols, row stride lds) rounded to bf16.
 inline void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, BFloat16* dst, int64_t ldd) {
   for (int64_t i = 0; i < rows; ++i) at::vec::convert(src + i * lds, dst + i * ldd, cols);
-}
-
-// Rows of dst (row stride ldd) = src^T rounded to bf16, src being cols x (>= rows) with row stride lds.
-inline void store_rows_transposed(const float* src, int64_t lds, int64_t rows, int64_t cols, BFloat16* dst,
-                                  int64_t ldd) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[i * ldd + j] = BFloat16(src[j * lds + i]);
 }
 
 // Rows of dst (row stride ld) = src's n rows (row stride ld, padding columns zero) rounded to bf16: the zero
@@ -168,28 +165,45 @@ inline float hsum(const fVec& v) {
   return m;
 }
 
-// In place over `rows` rows of s (row stride ld, a multiple of 16; fp32 logits without the scale, valid in the
-// first n columns): s = softmax(scale * s) row by row, the padding columns n..ld-1 set to 0. The padding takes part
-// as -inf (exp_u20 maps it to 0), so every loop runs on whole vectors: a scalar exp on the last n % 16 columns
-// took as long as the vector work on the other 192 at 197 tokens.
-void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float scale) {
+// Over one row r of ld columns (a multiple of 16; fp32 logits without the scale, valid in the first n):
+// r = exp(scale * (r - max(r))), the padding columns n..ld-1 set to 0; returns the row's sum. The padding takes
+// part as -inf (exp_u20 maps it to 0), so every loop runs on whole vectors: a scalar exp on the last n % 16
+// columns took as long as the vector work on the other 192 at 197 tokens.
+inline float exp_row(float* r, int64_t n, int64_t ld, float scale) {
   const int64_t V = fVec::size();
-  const fVec vscale(scale);
+  for (int64_t j = n; j < ld; ++j) r[j] = -std::numeric_limits<float>::infinity();
+  fVec vmx(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < ld; j += V) vmx = at::vec::maximum(vmx, fVec::loadu(r + j));
+  // exp(scale * (s - max)) = exp(scale * s - scale * max): one fused multiply-add per element.
+  const fVec vscale(scale), vshift(-scale * hmax(vmx));
+  fVec vsum(0.f);
+  for (int64_t j = 0; j < ld; j += V) {
+    const fVec e = at::vec::fmadd(fVec::loadu(r + j), vscale, vshift).exp_u20();
+    e.store(r + j);
+    vsum = vsum + e;
+  }
+  return hsum(vsum);
+}
+
+// In place over `rows` rows of s (row stride ld): s = softmax(scale * s), padding columns 0 (the backward keeps P
+// in fp32 for the softmax gradient).
+void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float scale) {
   for (int64_t i = 0; i < rows; ++i) {
     float* r = s + i * ld;
-    for (int64_t j = n; j < ld; ++j) r[j] = -std::numeric_limits<float>::infinity();
-    fVec vmx(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < ld; j += V) vmx = at::vec::maximum(vmx, fVec::loadu(r + j));
-    // exp(scale * (s - max)) = exp(scale * s - scale * max): one fused multiply-add per element.
-    const fVec vshift(-scale * hmax(vmx));
-    fVec vsum(0.f);
-    for (int64_t j = 0; j < ld; j += V) {
-      const fVec e = at::vec::fmadd(fVec::loadu(r + j), vscale, vshift).exp_u20();
-      e.store(r + j);
-      vsum = vsum + e;
-    }
-    const fVec vinv(1.f / hsum(vsum));
-    for (int64_t j = 0; j < ld; j += V) (fVec::loadu(r + j) * vinv).store(r + j);
+    const fVec vinv(1.f / exp_row(r, n, ld, scale));
+    for (int64_t j = 0; j < ld; j += fVec::size()) (fVec::loadu(r + j) * vinv).store(r + j);
+  }
+}
+
+// p = softmax(scale * s) rounded to bf16, row by row (both row stride ld): the normalisation rides on the rounding
+// pass, and s is left holding the unnormalised exponentials.
+void softmax_rows_to_bf16(float* s, int64_t rows, int64_t n, int64_t ld, float scale, BFloat16* p) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* r = s + i * ld;
+    const __m512 vinv = _mm512_set1_ps(1.f / exp_row(r, n, ld, scale));
+    for (int64_t j = 0; j < ld; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i * ld + j),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(r + j), vinv)));
   }
 }
 
@@ -217,6 +231,10 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.sizes() == like.sizes(), "vitlab cpu attention: ", name, " has shape ", t.sizes(), ", expected ",
               like.sizes());
   TORCH_CHECK(t.stride(3) == 1, "vitlab cpu attention: ", name, "'s last dimension must be dense");
+  // Rows are read as 32-bit pairs of bf16 values, so every row must start on a pair.
+  TORCH_CHECK(t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0 && t.storage_offset() % 2 == 0,
+              "vitlab cpu attention: ", name, " must have even strides and offset (rows start on bf16 pairs), got "
+              "strides ", t.strides(), " and offset ", t.storage_offset());
 }
 
 // Returns (B, H, N, hd), a view of a dense (B, N, H, hd) tensor: heads merged for the output projection for free.
@@ -230,78 +248,86 @@ at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
   BFloat16* o = out.data_ptr<BFloat16>();
   const View Q(q), K(k), Vv(v);
   const int64_t np = round_up(N, 16), pairs = (N + 1) / 2;
+  // Query rows go through in blocks: the block's logits, probabilities and outputs stay in L1 between the steps.
+  const int64_t block = std::min<int64_t>(N, 16);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(N * np), ov(N * hd);
-    std::vector<BFloat16> p(N * np);
+    std::vector<float> s(block * np), ov(block * hd);
+    std::vector<BFloat16> p(block * np);
     std::vector<uint32_t> kt(hd / 2 * np), vr(pairs * hd);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H;
       pack_transposed_pairs(K.at(b, h), K.sn, N, hd, np, kt.data());
-      pair_matmul(N, hd / 2, np / 16, Q.at(b, h), Q.sn, kt.data(), np, s.data(), np);  // logits / scale
-      softmax_rows(s.data(), N, N, np, static_cast<float>(scale));
-      rows_to_bf16(s.data(), N, np, p.data());
       pack_row_pairs(Vv.at(b, h), Vv.sn, N, hd, vr.data(), hd);
-      pair_matmul(N, pairs, hd / 16, p.data(), np, vr.data(), hd, ov.data(), hd);
-      store_rows(ov.data(), hd, N, hd, o + (b * N * H + h) * hd, H * hd);
+      for (int64_t r = 0; r < N; r += block) {
+        const int64_t rows = std::min(block, N - r);
+        row_matmul(rows, hd / 2, np / 16, Q.at(b, h) + r * Q.sn, Q.sn, kt.data(), np, s.data(), np);  // logits
+        softmax_rows_to_bf16(s.data(), rows, N, np, static_cast<float>(scale), p.data());
+        row_matmul(rows, pairs, hd / 16, p.data(), np, vr.data(), hd, ov.data(), hd);
+        store_rows(ov.data(), hd, rows, hd, o + ((b * N + r) * H + h) * hd, H * hd);
+      }
     }
   });
   return out.permute({0, 2, 1, 3});
 }
 
-// Gradients of attention_forward: (dq, dk, dv), each (B, H, N, hd) as a view of a dense (B, N, H, hd) tensor.
-// The probabilities are recomputed from q and k (the forward saves nothing but q, k, v).
-std::vector<at::Tensor> attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& dout, double scale) {
+// Gradients of attention_forward as one dense (B, N, 3, H, hd) tensor, dq, dk and dv side by side: the layout of
+// the qkv projection's output, so its gradient needs no copy. The probabilities are recomputed from q and k (the
+// forward saves nothing but q, k, v). Every matmul reads its operands as they lie or packed by row pairs; the two
+// with a transposed (N, N) operand (P^T dO, dS^T q) read the row-pair packing as its transpose.
+at::Tensor attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                              double scale) {
   check(q, "q", q);
   check(k, "k", q);
   check(v, "v", q);
   check(dout, "grad_output", q);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), hd = q.size(3);
   TORCH_CHECK(hd % 16 == 0, "vitlab cpu attention: the head dimension must be a multiple of 16, got ", hd);
-  auto dq = at::empty({B, N, H, hd}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
-  BFloat16 *dq_ = dq.data_ptr<BFloat16>(), *dk_ = dk.data_ptr<BFloat16>(), *dv_ = dv.data_ptr<BFloat16>();
+  auto dqkv = at::empty({B, N, 3, H, hd}, q.options());
+  BFloat16* dqkv_ = dqkv.data_ptr<BFloat16>();
   const View Q(q), K(k), Vv(v), dO(dout);
   const float fscale = static_cast<float>(scale);
-  const int64_t np = round_up(N, 16), pairs = (N + 1) / 2;
+  const int64_t np = round_up(N, 16), pairs = (N + 1) / 2, ld = 3 * H * hd;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(N * np), dp(N * np), t(std::max(N, hd) * np);
-    std::vector<BFloat16> ds(N * np), at_(hd * np);
-    std::vector<uint32_t> kt(hd / 2 * np), vt(hd / 2 * np), rows(pairs * std::max(np, hd));
+    std::vector<float> s(N * np), dp(N * np), t(N * hd);
+    std::vector<BFloat16> ds(N * np);
+    std::vector<uint32_t> kt(hd / 2 * np), rows(pairs * np), operand(pairs * hd);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H;
-      const int64_t off = (b * N * H + h) * hd, ld = H * hd;
+      BFloat16* dq = dqkv_ + b * N * ld + h * hd;  // row n of dq at dq + n * ld; dk and dv H * hd further on
+      BFloat16 *dk = dq + H * hd, *dv = dk + H * hd;
       const BFloat16 *qp = Q.at(b, h), *kp = K.at(b, h), *vp = Vv.at(b, h), *dop = dO.at(b, h);
+      const Pair* packed = reinterpret_cast<const Pair*>(rows.data());
       // The probabilities P in fp32, as in the forward.
       pack_transposed_pairs(kp, K.sn, N, hd, np, kt.data());
-      pair_matmul(N, hd / 2, np / 16, qp, Q.sn, kt.data(), np, s.data(), np);
+      row_matmul(N, hd / 2, np / 16, qp, Q.sn, kt.data(), np, s.data(), np);
       softmax_rows(s.data(), N, N, np, fscale);
-      // dv = P^T dO, computed as dv^T = dO^T P (P packed by row pairs: no (N, N) transpose).
-      transpose_rows(dop, dO.sn, N, hd, at_.data(), 2 * pairs);
+      // dv = P^T dO: A is P packed by row pairs, read transposed.
       pack_row_pairs(s.data(), np, N, np, rows.data(), np);
-      pair_matmul(hd, pairs, np / 16, at_.data(), 2 * pairs, rows.data(), np, t.data(), np);
-      store_rows_transposed(t.data(), np, N, hd, dv_ + off, ld);
+      pack_row_pairs(dop, dO.sn, N, hd, operand.data(), hd);
+      pair_matmul(N, pairs, hd / 16, packed, 1, np, operand.data(), hd, t.data(), hd);
+      store_rows(t.data(), hd, N, hd, dv, ld);
       // dP = dO v^T in fp32; dS = P * (dP - rowsum(P * dP)) * scale, the softmax gradient, in fp32.
-      pack_transposed_pairs(vp, Vv.sn, N, hd, np, vt.data());
-      pair_matmul(N, hd / 2, np / 16, dop, dO.sn, vt.data(), np, dp.data(), np);
+      pack_transposed_pairs(vp, Vv.sn, N, hd, np, kt.data());
+      row_matmul(N, hd / 2, np / 16, dop, dO.sn, kt.data(), np, dp.data(), np);
       for (int64_t r = 0; r < N; ++r) softmax_grad_row(s.data() + r * np, dp.data() + r * np, np, fscale);
       // dq = dS k
       rows_to_bf16(dp.data(), N, np, ds.data());
-      pack_row_pairs(kp, K.sn, N, hd, rows.data(), hd);
-      pair_matmul(N, pairs, hd / 16, ds.data(), np, rows.data(), hd, t.data(), hd);
-      store_rows(t.data(), hd, N, hd, dq_ + off, ld);
-      // dk = dS^T q, computed as dk^T = q^T dS.
-      transpose_rows(qp, Q.sn, N, hd, at_.data(), 2 * pairs);
+      pack_row_pairs(kp, K.sn, N, hd, operand.data(), hd);
+      row_matmul(N, pairs, hd / 16, ds.data(), np, operand.data(), hd, t.data(), hd);
+      store_rows(t.data(), hd, N, hd, dq, ld);
+      // dk = dS^T q: A is dS packed by row pairs, read transposed.
       pack_row_pairs(dp.data(), np, N, np, rows.data(), np);
-      pair_matmul(hd, pairs, np / 16, at_.data(), 2 * pairs, rows.data(), np, t.data(), np);
-      store_rows_transposed(t.data(), np, N, hd, dk_ + off, ld);
+      pack_row_pairs(qp, Q.sn, N, hd, operand.data(), hd);
+      pair_matmul(N, pairs, hd / 16, packed, 1, np, operand.data(), hd, t.data(), hd);
+      store_rows(t.data(), hd, N, hd, dk, ld);
     }
   });
-  return {dq.permute({0, 2, 1, 3}), dk.permute({0, 2, 1, 3}), dv.permute({0, 2, 1, 3})};
+  return dqkv;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "softmax(scale q k^T) v for bf16 (B, H, N, hd) on the CPU");
-  m.def("attention_backward", &attention_backward, "(dq, dk, dv) of attention_forward");
+  m.def("attention_backward", &attention_backward, "(dq, dk, dv) of attention_forward as one (B, N, 3, H, hd) tensor");
 }
