@@ -149,40 +149,38 @@ void rows_to_bf16(const float* src, int64_t n, int64_t ld, BFloat16* dst) {
 }
 
 // ---------------------------------------------------------------------------------------------------- softmax
-inline float hmax(const fVec& v) {
-  float a[fVec::size()];
-  v.store(a);
-  float m = a[0];
-  for (int64_t i = 1; i < fVec::size(); ++i) m = std::max(m, a[i]);
-  return m;
-}
-
-inline float hsum(const fVec& v) {
-  float a[fVec::size()];
-  v.store(a);
-  float m = 0.f;
-  for (int64_t i = 0; i < fVec::size(); ++i) m += a[i];
-  return m;
-}
-
 // Over one row r of ld columns (a multiple of 16; fp32 logits without the scale, valid in the first n):
 // r = exp(scale * (r - max(r))), the padding columns n..ld-1 set to 0; returns the row's sum. The padding takes
 // part as -inf (exp_u20 maps it to 0), so every loop runs on whole vectors: a scalar exp on the last n % 16
 // columns took as long as the vector work on the other 192 at 197 tokens.
 inline float exp_row(float* r, int64_t n, int64_t ld, float scale) {
-  const int64_t V = fVec::size();
-  for (int64_t j = n; j < ld; ++j) r[j] = -std::numeric_limits<float>::infinity();
-  fVec vmx(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < ld; j += V) vmx = at::vec::maximum(vmx, fVec::loadu(r + j));
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t j = n; j < ld; ++j) r[j] = -inf;
+  // Two accumulators per reduction: one would chain every vector's max (add) to the previous one's latency.
+  __m512 mx0 = _mm512_set1_ps(-inf), mx1 = mx0;
+  int64_t j = 0;
+  for (; j + 32 <= ld; j += 32) {
+    mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(r + j));
+    mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(r + j + 16));
+  }
+  if (j < ld) mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(r + j));
   // exp(scale * (s - max)) = exp(scale * s - scale * max): one fused multiply-add per element.
-  const fVec vscale(scale), vshift(-scale * hmax(vmx));
-  fVec vsum(0.f);
-  for (int64_t j = 0; j < ld; j += V) {
+  const fVec vscale(scale), vshift(-scale * _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)));
+  fVec sum0(0.f), sum1(0.f);
+  for (j = 0; j + 32 <= ld; j += 32) {
+    const fVec e0 = at::vec::fmadd(fVec::loadu(r + j), vscale, vshift).exp_u20();
+    const fVec e1 = at::vec::fmadd(fVec::loadu(r + j + 16), vscale, vshift).exp_u20();
+    e0.store(r + j);
+    e1.store(r + j + 16);
+    sum0 = sum0 + e0;
+    sum1 = sum1 + e1;
+  }
+  if (j < ld) {
     const fVec e = at::vec::fmadd(fVec::loadu(r + j), vscale, vshift).exp_u20();
     e.store(r + j);
-    vsum = vsum + e;
+    sum0 = sum0 + e;
   }
-  return hsum(vsum);
+  return _mm512_reduce_add_ps(sum0 + sum1);
 }
 
 // In place over `rows` rows of s (row stride ld): s = softmax(scale * s), padding columns 0 (the backward keeps P
@@ -213,7 +211,7 @@ inline void softmax_grad_row(const float* p, float* dp, int64_t ld, float scale)
   const int64_t V = fVec::size();
   fVec acc(0.f);
   for (int64_t j = 0; j < ld; j += V) acc = at::vec::fmadd(fVec::loadu(p + j), fVec::loadu(dp + j), acc);
-  const fVec vdot(hsum(acc)), vscale(scale);
+  const fVec vdot(_mm512_reduce_add_ps(acc)), vscale(scale);
   for (int64_t j = 0; j < ld; j += V) (fVec::loadu(p + j) * (fVec::loadu(dp + j) - vdot) * vscale).store(dp + j);
 }
 
