@@ -62,7 +62,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    kernel = cpu_kernels.attention_kernel()
+    kernel = cpu_kernels.kernels()
     if kernel is None:
         raise SystemExit("the C++ kernel could not be built here; nothing to compare")
     for batch, tokens, heads, hd in SHAPES:

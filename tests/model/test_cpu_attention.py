@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vitlab.model import ViTConfig, VisionTransformer, cpu_kernels, layers
 
-kernel = cpu_kernels.attention_kernel()
+kernel = cpu_kernels.kernels()
 pytestmark = pytest.mark.skipif(kernel is None, reason="the C++ kernel cannot be built here")
 
 # (batch, tokens, heads, head dim): the CIFAR model at 24 and 32 px, ViT-S/16 at 224, and odd sizes (token counts
@@ -144,4 +144,4 @@ def test_bad_input_names_what_was_expected() -> None:
 def test_switched_off_by_environment(monkeypatch) -> None:
     monkeypatch.setenv("VITLAB_CPU_KERNELS", "0")
     monkeypatch.setattr(cpu_kernels, "_state", {})
-    assert cpu_kernels.attention_kernel() is None
+    assert cpu_kernels.kernels() is None

@@ -1,11 +1,11 @@
-"""vitlab's C++ CPU kernel (``csrc/cpu_attention.cpp``): bf16 softmax attention, forward and backward, for CPUs
-with AVX512-BF16.
+"""vitlab's C++ CPU kernels, for CPUs with AVX512-BF16: bf16 softmax attention, forward and backward
+(``csrc/cpu_attention.cpp``), and the tanh-approximation GELU with its gradient, bf16 or fp32 (``csrc/cpu_gelu.cpp``).
 
-It is compiled on first use by torch's extension builder (``torch.utils.cpp_extension.load``; a C++ compiler is
-all it needs) and cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so only
-the first process on a machine pays the ~30-second build. Where the CPU lacks AVX512-BF16, the build fails (a
-warning says why) or ``VITLAB_CPU_KERNELS=0`` is set, ``attention_kernel()`` returns None and the model keeps its
-torch-op path, which computes the same function more slowly.
+They are compiled on first use by torch's extension builder (``torch.utils.cpp_extension.load``; a C++ compiler is
+all it needs) into one module cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
+so only the first process on a machine pays the ~30-second build. Where the CPU lacks AVX512-BF16, the build fails
+(a warning says why) or ``VITLAB_CPU_KERNELS=0`` is set, ``kernels()`` returns None and the model keeps its
+torch-op paths, which compute the same functions more slowly.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_attention.cpp", "cpu_gelu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
@@ -27,7 +27,7 @@ _state: dict[str, ModuleType | None] = {}
 # kernel's matmuls are written in. The build is per machine, like inductor's.
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mavx512bf16",
           "-DCPU_CAPABILITY_AVX512"]
-_NAME = "vitlab_cpu_attention_avx512_bf16"
+_NAME = "vitlab_cpu_kernels_avx512_bf16"
 
 
 def supported() -> bool:
@@ -54,25 +54,27 @@ def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     if not _cached(cpp_extension):
-        print(f"vitlab: building the CPU attention kernel {_NAME} (~30 s, once; torch caches it)",
+        print(f"vitlab: building the CPU kernels {_NAME} (~30 s, once; torch caches it)",
               file=sys.stderr, flush=True)
     try:
         # -fopenmp: at::parallel_for is a header template that runs threads only where OpenMP is compiled in; the
         # library it links is libgomp.so.1, the one torch has already loaded.
-        return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                                  verbose=False)
+        return cpp_extension.load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS,
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use the torch-op path
-        warnings.warn(f"vitlab: could not build {_SOURCE.name} ({type(error).__name__}: {error}); bf16 attention "
-                      "on the CPU uses torch ops instead (same results, slower). Set VITLAB_CPU_KERNELS=0 to skip "
-                      "the build.", RuntimeWarning, stacklevel=3)
+        names = ", ".join(path.name for path in _SOURCES)
+        warnings.warn(f"vitlab: could not build {names} ({type(error).__name__}: {error}); bf16 attention and the "
+                      "tanh GELU on the CPU use torch ops instead (same results, slower). Set VITLAB_CPU_KERNELS=0 "
+                      "to skip the build.", RuntimeWarning, stacklevel=3)
         return None
 
 
-def attention_kernel() -> ModuleType | None:
+def kernels() -> ModuleType | None:
     """The compiled module, built on the first call: ``attention_forward(q, k, v, scale)`` on bf16 (B, H, N, hd)
     tensors with a dense last dimension, even strides and hd a multiple of 16, and ``attention_backward(q, k, v,
-    dout, scale)``, which returns dq, dk, dv as one (B, N, 3, H, hd) tensor. None where it is switched off, the CPU
-    lacks AVX512-BF16, or it cannot be built."""
+    dout, scale)``, which returns dq, dk, dv as one (B, N, 3, H, hd) tensor; ``gelu_tanh_forward(x)`` and
+    ``gelu_tanh_backward(grad_output, x)`` on contiguous bf16 or fp32 tensors. None where it is switched off, the
+    CPU lacks AVX512-BF16, or it cannot be built."""
     if "module" not in _state:
         with _lock:
             if "module" not in _state:

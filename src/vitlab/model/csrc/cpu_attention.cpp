@@ -337,7 +337,14 @@ at::Tensor attention_backward(const at::Tensor& q, const at::Tensor& k, const at
 
 }  // namespace
 
+namespace vitlab {  // cpu_gelu.cpp, built into the same module
+at::Tensor gelu_tanh_forward(const at::Tensor& x);
+at::Tensor gelu_tanh_backward(const at::Tensor& dy, const at::Tensor& x);
+}  // namespace vitlab
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "softmax(scale q k^T) v for bf16 (B, H, N, hd) on the CPU");
+  m.def("gelu_tanh_forward", &vitlab::gelu_tanh_forward, "tanh-approximation GELU, bf16 or fp32, on the CPU");
+  m.def("gelu_tanh_backward", &vitlab::gelu_tanh_backward, "gradient of gelu_tanh_forward: (grad_output, x)");
   m.def("attention_backward", &attention_backward, "(dq, dk, dv) of attention_forward as one (B, N, 3, H, hd) tensor");
 }
