@@ -19,7 +19,8 @@ from types import ModuleType
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_attention.cpp", "cpu_gelu.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_attention.cpp", "cpu_gelu.cpp",
+                                                                  "cpu_layer_norm.cpp")]
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 

@@ -169,7 +169,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # B, D, gh, gw
-        return x.flatten(2).transpose(1, 2)  # B, N, D (grid row-major, as the official code)
+        # B, N, D (grid row-major, as the official code), made dense once here: without a class token to
+        # concatenate, the transposed view would otherwise carry its (D, N) strides through every residual addition,
+        # and each LayerNorm and Dense layer of every block would copy or read it transposed.
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 def _cpu_kernel_for(q: torch.Tensor):
@@ -423,6 +426,39 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``; under CPU bf16 autocast, where vitlab's C++ kernels run, as one pass that writes the bf16 the
+    next Dense layer reads (``_LayerNormBf16``) instead of autocast's fp32 LayerNorm followed by a cast."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.is_contiguous() and norm.weight is not None
+            and norm.bias is not None and norm.weight.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting()):
+        kernel = cpu_kernels.kernels()
+        if kernel is not None:
+            return _LayerNormBf16.apply(x, norm.weight, norm.bias, norm.eps, kernel)
+    return norm(x)
+
+
+class _LayerNormBf16(torch.autograd.Function):
+    """LayerNorm of fp32 ``x`` with a bf16 result (``cpu_layer_norm.cpp``): what autocast computes (LayerNorm in
+    fp32, rounded to bf16 for the Dense layer that reads it), without the cast pass forward and the cast of the
+    gradient back to fp32 in the backward. Those casts were 17 of the 25 full-size copies per step of the
+    small-scratch preset's training. Saves what PyTorch's LayerNorm saves (x, mean, 1/std)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, kernel) -> torch.Tensor:
+        y, mean, rstd = kernel.layer_norm_bf16_forward(x, weight, bias, eps)
+        ctx.kernel = kernel
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = ctx.kernel.layer_norm_bf16_backward(grad.contiguous(), x, weight, mean, rstd)
+        return dx, dweight, dbias, None, None
+
+
 class Block(nn.Module):
     """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x)) (Eq. 2-3)."""
 
@@ -445,8 +481,8 @@ class Block(nn.Module):
         if cast is not None:
             x = x + self.attn.forward_cast(self.norm1(x), cast)
             return x + self.mlp.forward_cast(self.norm2(x), cast)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(_norm(self.norm1, x)))
+        return x + self.drop_path(self.mlp(_norm(self.norm2, x)))
 
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, probs = self.attn.forward_with_probs(self.norm1(x))

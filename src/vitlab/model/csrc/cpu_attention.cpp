@@ -337,14 +337,22 @@ at::Tensor attention_backward(const at::Tensor& q, const at::Tensor& k, const at
 
 }  // namespace
 
-namespace vitlab {  // cpu_gelu.cpp, built into the same module
+namespace vitlab {  // cpu_gelu.cpp and cpu_layer_norm.cpp, built into the same module
 at::Tensor gelu_tanh_forward(const at::Tensor& x);
 at::Tensor gelu_tanh_backward(const at::Tensor& dy, const at::Tensor& x);
+std::vector<at::Tensor> layer_norm_bf16_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                                double eps);
+std::vector<at::Tensor> layer_norm_bf16_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                                 const at::Tensor& mean, const at::Tensor& rstd);
 }  // namespace vitlab
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "softmax(scale q k^T) v for bf16 (B, H, N, hd) on the CPU");
   m.def("gelu_tanh_forward", &vitlab::gelu_tanh_forward, "tanh-approximation GELU, bf16 or fp32, on the CPU");
   m.def("gelu_tanh_backward", &vitlab::gelu_tanh_backward, "gradient of gelu_tanh_forward: (grad_output, x)");
+  m.def("layer_norm_bf16_forward", &vitlab::layer_norm_bf16_forward,
+        "(bf16 y, mean, rstd) of LayerNorm over an fp32 tensor's last dimension");
+  m.def("layer_norm_bf16_backward", &vitlab::layer_norm_bf16_backward,
+        "(dx, dweight, dbias) of layer_norm_bf16_forward from a bf16 gradient");
   m.def("attention_backward", &attention_backward, "(dq, dk, dv) of attention_forward as one (B, N, 3, H, hd) tensor");
 }
