@@ -231,8 +231,8 @@ class _ReducedPrecisionAttention(torch.autograd.Function):
 
     Used for bf16/fp16 training on CPU with short sequences, where PyTorch's fused flash-attention backward runs
     at a fraction of the matmul rate. Forward+backward on 2 threads (``scripts/attention_timing.py``, docs/speed.md),
-    SDPA / torch-op path / kernel: 49.9 / 22.5 / 9.1 ms for the CIFAR model's 64 tokens (batch 128, 4 heads),
-    41.8 / 8.5 / 4.4 ms at its 36, and 45.0 / 35.6 / 20.8 ms for ViT-S/16's 197 (batch 16, 6 heads). Longer
+    SDPA / torch-op path / kernel: 40.4 / 16.0 / 6.9 ms for the CIFAR model's 64 tokens (batch 128, 4 heads),
+    35.2 / 6.6 / 3.1 ms at its 36, and 54.1 / 29.1 / 14.6 ms for ViT-S/16's 197 (batch 16, 6 heads). Longer
     sequences keep the fused kernel (``_SHORT_SEQUENCE``): one sample's (N, N) temporaries grow as N^2. It saves
     less than the fused kernel (qkv, without its output and log-sum-exp). The torch-op backward walks the batch
     in slices of at most ``_BACKWARD_ELEMENTS`` probabilities, so its (N, N) temporaries stay a few MB

@@ -6,8 +6,12 @@
 // matmul with an fp32 result; ATen's internal one runs at the fp32 rate without AMX), a separate softmax pass, a
 // cast pass and a layout copy. Here every matmul of a (sample, head) is a small register-tiled loop over
 // vdpbf16ps (bf16 pair products accumulated in fp32 lanes, the instruction oneDNN's bf16 kernels use), so the
-// logits come out in fp32 at the bf16 rate; the softmax reads and writes the (N, N) block while it is in cache, and
-// outputs are written straight into the (B, N, H, hd) layout the output projection reads.
+// logits come out in fp32 at the bf16 rate; the softmax reads and writes the (N, N) block while it is in cache, the
+// output is written straight into the (B, N, H, hd) layout the output projection reads, and the gradients into the
+// (B, N, 3, H, hd) layout of the qkv projection. No operand is transposed element by element: the two backward
+// products with a transposed (N, N) operand read its row-pair packing as its transpose.
+//
+// This file also holds the module's bindings, for cpu_gelu.cpp and cpu_layer_norm.cpp as well.
 //
 // Precision is that of PyTorch's fused kernel and of vitlab's torch-op path: logits, softmax and its gradient in
 // fp32, probabilities and their gradient rounded to bf16 (nearest even) once for the matmuls, fp32 accumulation.
