@@ -80,7 +80,7 @@ def test_mlp_uses_it_and_matches_torch(monkeypatch) -> None:
     torch.testing.assert_close(y, y_torch, atol=1e-2, rtol=1e-2)
     for g, g_torch in zip(grads, grads_torch):
         torch.testing.assert_close(g, g_torch, atol=5e-2, rtol=2e-2)
-    # erf GELU keeps PyTorch's op (its own kernel is already fast).
+    # fp16 (like erf GELU, whose PyTorch kernel is already fast) keeps PyTorch's op.
     assert layers._gelu_kernel_for(torch.zeros(2, dtype=torch.float16)) is None
 
 

@@ -442,7 +442,7 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class _LayerNormBf16(torch.autograd.Function):
     """LayerNorm of fp32 ``x`` with a bf16 result (``cpu_layer_norm.cpp``): what autocast computes (LayerNorm in
     fp32, rounded to bf16 for the Dense layer that reads it), without the cast pass forward and the cast of the
-    gradient back to fp32 in the backward. Those casts were 17 of the 25 full-size copies per step of the
+    gradient back to fp32 in the backward. Those casts were 16 of the 25 full-size copies per step of the
     small-scratch preset's training. Saves what PyTorch's LayerNorm saves (x, mean, 1/std)."""
 
     @staticmethod

@@ -3,8 +3,8 @@
 // the cast passes.
 //
 // Why it exists: autocast runs LayerNorm in fp32 and the next Dense layer casts its output to bf16; the backward
-// casts the bf16 gradient back to fp32 for LayerNorm's own backward. Those two passes over (tokens, width) were a
-// third of all copies in the small-scratch preset's training step (17 of the 25 full-size casts per step). Here the
+// casts the bf16 gradient back to fp32 for LayerNorm's own backward. Those two passes over (tokens, width) were 16 of
+// the 25 full-size casts in a step of the small-scratch preset's training. Here the
 // forward writes bf16 directly and the backward reads the bf16 gradient directly; the arithmetic is LayerNorm's in
 // fp32 (biased variance, eps inside the square root), the output rounded once (nearest even).
 #include <torch/extension.h>
