@@ -4,22 +4,22 @@ preset's model (batch 128, 32 px). Writes JSON.
 
     python scripts/kernel_timing.py --out results/bench/kernels.json [--threads 2] [--reps 21]
 
-GELU rows: PyTorch's tanh GELU, PyTorch's erf GELU (for scale) and the kernel, in bf16 and fp32. LayerNorm rows:
-what autocast runs (fp32 LayerNorm, then the cast to bf16; the gradient cast back to fp32, then LayerNorm's
-backward) and the kernel, which writes and reads the bf16 directly.
+Each row's calls are timed interleaved (A B C, C B A, ...), medians. GELU rows: PyTorch's tanh GELU, PyTorch's
+erf GELU (for scale) and the kernel, in bf16 and fp32. LayerNorm rows: what autocast runs (fp32 LayerNorm, then the
+cast to bf16; the gradient cast back to fp32, then LayerNorm's backward) and the kernel, which writes and reads the
+bf16 directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from vitlab.bench.timing import interleaved, median
 from vitlab.model import cpu_kernels
 
 GELU_SHAPES = {"ViT-S/16 MLP hidden (16, 197, 1536)": (16, 197, 1536),
@@ -27,15 +27,9 @@ GELU_SHAPES = {"ViT-S/16 MLP hidden (16, 197, 1536)": (16, 197, 1536),
 NORM_SHAPES = {"ViT-S/16 (16, 197, 384)": (16, 197, 384), "CIFAR model (128, 64, 128)": (128, 64, 128)}
 
 
-def ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def ms(fns: dict, reps: int) -> dict[str, float]:
+    """Median ms per call of each function, timed interleaved (``vitlab.bench.timing.interleaved``)."""
+    return {name: median(ts) * 1e3 for name, ts in interleaved(fns, reps=reps, warmup=3).items()}
 
 
 def main() -> None:
@@ -53,14 +47,13 @@ def main() -> None:
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(shape).to(dtype)
             g = torch.randn(shape).to(dtype)
-            row = {"op": "gelu", "shape": name, "dtype": str(dtype).removeprefix("torch."),
-                   "torch_tanh_forward_ms": ms(lambda: F.gelu(x, approximate="tanh"), args.reps),
-                   "torch_tanh_backward_ms": ms(lambda: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
-                                                args.reps),
-                   "torch_erf_forward_ms": ms(lambda: F.gelu(x), args.reps),
-                   "torch_erf_backward_ms": ms(lambda: torch.ops.aten.gelu_backward(g, x), args.reps),
-                   "kernel_forward_ms": ms(lambda: kernel.gelu_tanh_forward(x), args.reps),
-                   "kernel_backward_ms": ms(lambda: kernel.gelu_tanh_backward(g, x), args.reps)}
+            row = {"op": "gelu", "shape": name, "dtype": str(dtype).removeprefix("torch.")}
+            row.update(ms({"torch_tanh_forward_ms": lambda: F.gelu(x, approximate="tanh"),
+                           "torch_tanh_backward_ms": lambda: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+                           "torch_erf_forward_ms": lambda: F.gelu(x),
+                           "torch_erf_backward_ms": lambda: torch.ops.aten.gelu_backward(g, x),
+                           "kernel_forward_ms": lambda: kernel.gelu_tanh_forward(x),
+                           "kernel_backward_ms": lambda: kernel.gelu_tanh_backward(g, x)}, args.reps))
             rows.append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     for name, shape in NORM_SHAPES.items():
@@ -69,12 +62,12 @@ def main() -> None:
         g = torch.randn(shape).bfloat16()
         _, mean, rstd = kernel.layer_norm_bf16_forward(x, w, b, 1e-6)
         stats = mean.view(*shape[:-1], 1), rstd.view(*shape[:-1], 1)
-        row = {"op": "layer_norm", "shape": name,
-               "autocast_forward_ms": ms(lambda: F.layer_norm(x, (D,), w, b, 1e-6).to(torch.bfloat16), args.reps),
-               "autocast_backward_ms": ms(lambda: torch.ops.aten.native_layer_norm_backward(
-                   g.float(), x, (D,), *stats, w, b, [True, True, True]), args.reps),
-               "kernel_forward_ms": ms(lambda: kernel.layer_norm_bf16_forward(x, w, b, 1e-6), args.reps),
-               "kernel_backward_ms": ms(lambda: kernel.layer_norm_bf16_backward(g, x, w, mean, rstd), args.reps)}
+        row = {"op": "layer_norm", "shape": name}
+        row.update(ms({"autocast_forward_ms": lambda: F.layer_norm(x, (D,), w, b, 1e-6).to(torch.bfloat16),
+                       "autocast_backward_ms": lambda: torch.ops.aten.native_layer_norm_backward(
+                           g.float(), x, (D,), *stats, w, b, [True, True, True]),
+                       "kernel_forward_ms": lambda: kernel.layer_norm_bf16_forward(x, w, b, 1e-6),
+                       "kernel_backward_ms": lambda: kernel.layer_norm_bf16_backward(g, x, w, mean, rstd)}, args.reps))
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     out = {"threads": args.threads, "torch": torch.__version__, "reps": args.reps, "rows": rows}

@@ -1,5 +1,6 @@
 """vitlab's C++ CPU kernels, for CPUs with AVX512-BF16: bf16 softmax attention, forward and backward
-(``csrc/cpu_attention.cpp``), and the tanh-approximation GELU with its gradient, bf16 or fp32 (``csrc/cpu_gelu.cpp``).
+(``csrc/cpu_attention.cpp``), the tanh-approximation GELU with its gradient, bf16 or fp32 (``csrc/cpu_gelu.cpp``),
+and LayerNorm of fp32 input with a bf16 result, with its gradient (``csrc/cpu_layer_norm.cpp``).
 
 They are compiled on first use by torch's extension builder (``torch.utils.cpp_extension.load``; a C++ compiler is
 all it needs) into one module cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
@@ -32,7 +33,7 @@ _NAME = "vitlab_cpu_kernels_avx512_bf16"
 
 
 def supported() -> bool:
-    """Whether this CPU can run the kernel: AVX512-BF16 (e.g. AMD Zen 4 and later, Intel Cooper Lake, Sapphire
+    """Whether this CPU can run the kernels: AVX512-BF16 (e.g. AMD Zen 4 and later, Intel Cooper Lake, Sapphire
     Rapids and later), with torch using its AVX-512 code path."""
     has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(has_bf16())
@@ -64,9 +65,9 @@ def _build() -> ModuleType | None:
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use the torch-op path
         names = ", ".join(path.name for path in _SOURCES)
-        warnings.warn(f"vitlab: could not build {names} ({type(error).__name__}: {error}); bf16 attention and the "
-                      "tanh GELU on the CPU use torch ops instead (same results, slower). Set VITLAB_CPU_KERNELS=0 "
-                      "to skip the build.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"vitlab: could not build {names} ({type(error).__name__}: {error}); bf16 attention, the "
+                      "tanh GELU and autocast LayerNorm on the CPU use torch ops instead (same results, slower). "
+                      "Set VITLAB_CPU_KERNELS=0 to skip the build.", RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -74,8 +75,9 @@ def kernels() -> ModuleType | None:
     """The compiled module, built on the first call: ``attention_forward(q, k, v, scale)`` on bf16 (B, H, N, hd)
     tensors with a dense last dimension, even strides and hd a multiple of 16, and ``attention_backward(q, k, v,
     dout, scale)``, which returns dq, dk, dv as one (B, N, 3, H, hd) tensor; ``gelu_tanh_forward(x)`` and
-    ``gelu_tanh_backward(grad_output, x)`` on contiguous bf16 or fp32 tensors. None where it is switched off, the
-    CPU lacks AVX512-BF16, or it cannot be built."""
+    ``gelu_tanh_backward(grad_output, x)`` on contiguous bf16 or fp32 tensors; ``layer_norm_bf16_forward(x, weight,
+    bias, eps)`` -> (bf16 y, mean, rstd) and ``layer_norm_bf16_backward(grad_output, x, weight, mean, rstd)`` ->
+    (dx, dweight, dbias). None where it is switched off, the CPU lacks AVX512-BF16, or it cannot be built."""
     if "module" not in _state:
         with _lock:
             if "module" not in _state:

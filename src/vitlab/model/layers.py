@@ -46,11 +46,15 @@ def _onednn_ops_available() -> bool:
 _ONEDNN = _onednn_ops_available()
 
 
+def _tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing: they must see ordinary ops, so the fused paths and vitlab's
+    C++ kernels step aside."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _eager_inference() -> bool:
-    """Whether the inference fast paths may run: switched on, no autograd, and not being traced (inductor and the
-    exporter must see ordinary ops)."""
-    return (_FUSED_ENABLED and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting())
+    """Whether the inference fast paths may run: switched on, no autograd, and not being traced."""
+    return _FUSED_ENABLED and not torch.is_grad_enabled() and not _tracing()
 
 
 def _fused_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -169,18 +173,14 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # B, D, gh, gw
-        # B, N, D (grid row-major, as the official code), made dense once here: without a class token to
-        # concatenate, the transposed view would otherwise carry its (D, N) strides through every residual addition,
-        # and each LayerNorm and Dense layer of every block would copy or read it transposed.
-        return x.flatten(2).transpose(1, 2).contiguous()
+        return x.flatten(2).transpose(1, 2)  # B, N, D (grid row-major, as the official code)
 
 
 def _cpu_kernel_for(q: torch.Tensor):
     """vitlab's C++ attention kernel (``vitlab.model.cpu_kernels``) where it applies: bf16 on the CPU, head
     dimension a multiple of 16, outside ``torch.compile``/export tracing (which must see ordinary ops). None
     elsewhere, or where it is unavailable."""
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 16 or torch.compiler.is_compiling() \
-            or torch.compiler.is_exporting():
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 16 or _tracing():
         return None
     if q.stride(-1) != 1 or any(st % 2 for st in q.stride()[:-1]) or q.storage_offset() % 2:
         return None  # it reads rows as bf16 pairs; the model's q, k, v views always qualify
@@ -359,7 +359,7 @@ def _gelu_kernel_for(h: torch.Tensor):
     """vitlab's C++ kernels where the tanh GELU of ``h`` may use them: a contiguous bf16 or fp32 CPU tensor, outside
     ``torch.compile``/export tracing; None elsewhere or where they are unavailable."""
     if h.device.type != "cpu" or h.dtype not in (torch.bfloat16, torch.float32) or not h.is_contiguous() \
-            or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            or _tracing():
         return None
     return cpu_kernels.kernels()
 
@@ -431,8 +431,7 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     next Dense layer reads (``_LayerNormBf16``) instead of autocast's fp32 LayerNorm followed by a cast."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.is_contiguous() and norm.weight is not None
-            and norm.bias is not None and norm.weight.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting()):
+            and norm.bias is not None and norm.weight.dtype == torch.float32 and not _tracing()):
         kernel = cpu_kernels.kernels()
         if kernel is not None:
             return _LayerNormBf16.apply(x, norm.weight, norm.bias, norm.eps, kernel)

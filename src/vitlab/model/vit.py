@@ -161,7 +161,10 @@ class VisionTransformer(nn.Module):
                 x = x + pos
             if self.cls_token is not None:
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x)
+        # The embeddings hand over a transposed view of their (B, D, gh, gw) output. Concatenating a class token
+        # makes it dense; without one (GAP) its strides would survive every residual addition, and each LayerNorm
+        # and Dense layer of every block would copy it or read it transposed. A no-op where it is dense already.
+        return self.pos_drop(x.contiguous())
 
     def forward_features(self, x: torch.Tensor, *, interpolate_pos_embed: bool = False) -> torch.Tensor:
         """Images -> encoder output after the final LayerNorm, (B, prefix + N, D)."""

@@ -21,12 +21,11 @@
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
-#include <cstring>
 #include <limits>
 #include <vector>
 
 #if !defined(__AVX512BF16__)
-#error "vitlab's CPU attention kernel is built with -mavx512bf16, on CPUs that have it"
+#error "vitlab's CPU kernels are built with -mavx512bf16, on CPUs that have it"
 #endif
 
 namespace {

@@ -113,7 +113,8 @@ std::vector<at::Tensor> layer_norm_bf16_backward(const at::Tensor& dy, const at:
           sg = _mm512_add_ps(sg, gw);
           sgx = _mm512_fmadd_ps(gw, xhat, sgx);
         }
-        const __m512 a = _mm512_set1_ps(_mm512_reduce_add_ps(sg) / D), c = _mm512_set1_ps(_mm512_reduce_add_ps(sgx) / D);
+        const __m512 a = _mm512_set1_ps(_mm512_reduce_add_ps(sg) / D);
+        const __m512 c = _mm512_set1_ps(_mm512_reduce_add_ps(sgx) / D);
         for (int64_t j = 0; j < D; j += 16) {
           const __mmask16 m = tail_mask(D - j);
           const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), vmu), vinv);
