@@ -4,7 +4,7 @@
 # sample, and torch.compile rows for ViT-B/16. Runs from src/ (no install) with whatever torch and timm the machine
 # has, and writes every output under $OUT (default results/bench/gpu). A stage that fails does not stop the later
 # ones; each has its own time limit.
-#   usage: OUT=dir VITLAB_SHARED=path/to/shared [STAGES="tests eager train compile"] [BENCH_ARGS=...] \
+#   usage: OUT=dir [STAGES="tests eager train compile"] [BENCH_ARGS=...] \
 #          bash scripts/gpu_check.sh
 # STAGES picks stages; BENCH_ARGS replaces the eager benchmark's model/dtype/task choice (a shorter re-run).
 set -u -o pipefail

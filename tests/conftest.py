@@ -1,28 +1,18 @@
-"""Shared test fixtures: paths to the shared data and deterministic torch settings."""
+"""Shared test fixtures: the official-model reference files and deterministic torch settings.
+
+Everything a test reads ships with the repository (``tests/fixtures/``, and the CIFAR-10 sample inside the
+package), so a plain clone tests itself; see ``tests/fixtures/README.md`` for where the files come from.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-def _find_shared() -> Path:
-    """CI clones main next to a copy of shared/; a developer checkout has it at ../shared as well."""
-    if "VITLAB_SHARED" in os.environ:
-        return Path(os.environ["VITLAB_SHARED"])
-    for candidate in (REPO.parent / "shared", Path("/work/shared")):
-        if candidate.exists():
-            return candidate
-    return REPO.parent / "shared"
-
-
-SHARED = _find_shared()
-FIXTURES = SHARED / "fixtures" / "official"
-CIFAR = SHARED / "datasets" / "cifar10"
+FIXTURES = REPO / "tests" / "fixtures" / "official"
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +21,7 @@ def _deterministic() -> None:
 
 
 def require(path: Path) -> Path:
+    """The fixtures are part of the checkout: a missing one means a broken checkout, so the test fails."""
     if not path.exists():
-        pytest.fail(f"test data missing: {path} (set VITLAB_SHARED to the shared/ folder)")
+        pytest.fail(f"test fixture missing: {path} (it ships with the repository under tests/fixtures/)")
     return path
