@@ -107,7 +107,9 @@ class TrainConfig:
     """Exponential moving average of the weights; 0 disables it. Evaluation uses the EMA weights when on."""
 
     # --- engine
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 where the device computes it natively (CUDA, CPUs with AVX512-BF16 or AMX), else fp32
+    (``vitlab.precision``)."""
     compile: bool = False
     seed: int = 0
     in_memory: Union[bool, Literal["auto"]] = "auto"
@@ -123,6 +125,11 @@ class TrainConfig:
     """Strategy under torchrun: DistributedDataParallel, or FSDP2 ``fully_shard`` per block."""
     eval_every: float = 1.0
     """Evaluate on the validation split every this many epochs (0: only at the end)."""
+    keep_best: bool = False
+    """Also keep the weights of the evaluation with the best validation top-1 so far (``best.safetensors``, its
+    step and accuracy in ``best.json``): the checkpoint the paper's early stopping reports (Sec. 4.2)."""
+    patience: Optional[int] = None
+    """Early stopping: end the run after this many evaluations in a row without a better validation top-1."""
     eval_batch_size: int = 256
     checkpoint_every: int = 500
     """Write the resumable checkpoint every this many steps (and at each evaluation and at the end)."""
@@ -136,6 +143,8 @@ class TrainConfig:
                              f"({self.accum_steps})")
         if self.epochs <= 0 and not self.steps:
             raise ValueError("epochs must be positive (or set steps)")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be a positive number of evaluations, got {self.patience}")
         if not 0.0 <= self.mix_off_fraction <= 1.0:
             raise ValueError(f"mix_off_fraction must be in [0, 1], got {self.mix_off_fraction}")
         self.resolution_stages()  # validates low_res_size and low_res_fraction

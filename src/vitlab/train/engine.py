@@ -34,13 +34,15 @@ from vitlab.data.transforms import GLOBAL_RNG_LOCK, BatchAugment, resolve_normal
 from vitlab.model import VisionTransformer
 from vitlab.train.checkpoint import atomic_write, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from vitlab.train.config import TrainConfig
-from vitlab.train.evaluate import autocast, evaluate, folder_eval_loader
+from vitlab.precision import autocast, hardware, resolve
+from vitlab.train.evaluate import evaluate, folder_eval_loader
 from vitlab.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
+BEST = "best.safetensors"
 METRICS = "metrics.jsonl"
 
 # Config keys that may differ between a run and its resumption: they change speed or logging, not the result.
@@ -262,7 +264,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
                 x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
                 if isinstance(_unwrap(model), VisionTransformer):
                     kwargs["interpolate_pos_embed"] = True
-            with autocast(device, config.precision):
+            with autocast(config.precision, device):
                 logits = model(x, **kwargs)
             loss = loss_fn(logits, y.to(device, non_blocking=True), config.label_smoothing)
             (loss * (len(x) / total)).backward()
@@ -387,7 +389,10 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     if progress is None:
         progress = sys.stderr.isatty()
     progress = progress and d.main
+    precision = resolve(config.precision, d.device)
     if d.main:
+        print(f"vitlab train: precision {precision} ({config.precision} on {hardware(d.device)})", file=sys.stderr,
+              flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
     fsdp = d.world > 1 and config.distributed == "fsdp"
     if config.budget_minutes and d.world > 1:
@@ -432,6 +437,8 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
             ema.state = {k: v.to(d.device) for k, v in state["ema"].items()}
         set_rng_states(state["rng"])
         step = int(state["step"])
+    # Early stopping (keep_best, patience): the best validation top-1 so far, its step, evaluations since.
+    best: dict[str, Any] = dict((state or {}).get("best") or {"top1": None, "step": None, "since": 0})
     train_model: nn.Module = model
     if d.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
@@ -465,9 +472,42 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                                       warmup_steps=warmup, kind=config.schedule, min_lr=config.min_lr)},
             "ema": ema.state if ema is not None else {},
             "rng": rng_states(), "elapsed": time.perf_counter() - loop_start, "step": step, "epoch": step / spe,
-            "config": config.to_dict(),
+            "config": config.to_dict(), "best": best,
             "classes": data.classes, "bad": [[b.path, b.reason] for b in bad_seen],
         })
+
+    def save_weights(path: Path) -> None:
+        """The current weights (EMA applied) as ``vitlab.save`` writes them; a collective under FSDP."""
+        full_state = _full_state(model, optimizer, fsdp)[0] if fsdp else None
+        if not d.main:
+            return
+        import copy
+
+        if fsdp:
+            weights = build_model(config, num_classes)
+            weights.load_state_dict(full_state)
+        else:
+            weights = copy.deepcopy(_unwrap(model)).cpu()
+        if ema is not None:
+            ema.copy_to(weights)
+        save_final_weights(weights, path, data.classes)
+
+    def track_best(evaluation: dict[str, Any]) -> bool:
+        """Record an evaluation for early stopping (saving the weights when it is the best so far); True when
+        ``patience`` evaluations in a row have not improved on the best."""
+        if not config.keep_best and config.patience is None:
+            return False
+        if best["top1"] is None or evaluation["top1"] > best["top1"]:
+            best.update(top1=evaluation["top1"], step=step, since=0)
+            if config.keep_best:
+                save_weights(run_dir / BEST)
+                if d.main:
+                    atomic_write(run_dir / "best.json", lambda tmp: Path(tmp).write_text(json.dumps(
+                        {"step": step, "epoch": step / spe, **{k: evaluation[k] for k in ("top1", "top5", "loss")}},
+                        indent=1)))
+        else:
+            best["since"] += 1
+        return config.patience is not None and best["since"] >= config.patience
 
     def run_eval() -> dict[str, Any] | None:
         if data.val is None:
@@ -498,7 +538,7 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
     current_size, mark_at = None, start_step + 10
     stages = config.resolution_stages()
     last_loss, result_eval, gnorm = float("nan"), None, None
-    interrupted = False
+    interrupted = stopped_early = False
 
     def run_fraction() -> float:
         """How far the run is: of the wall-clock budget, or of the steps."""
@@ -576,7 +616,12 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                     metrics.write({"step": step, "epoch": round(step / spe, 4), "split": "val",
                                    **{k: result_eval[k] for k in ("top1", "top5", "loss")}})
                     log.info("step %d: val top1 %.2f%%", step, result_eval["top1"])
+                    stopped_early = track_best(result_eval)
                 checkpoint()
+                if stopped_early:
+                    log.info("early stopping at step %d: no better validation top-1 in %d evaluations since step "
+                             "%d (%.2f%%)", step, config.patience, best["step"], best["top1"])
+                    break
             elif step % config.checkpoint_every == 0:
                 checkpoint()
         if stop["signal"]:
@@ -600,28 +645,24 @@ def _train(config: TrainConfig, run_dir: Path, data_dir: str | Path, resume: boo
                               "data_wait_fraction": data_time / loop_s if images_seen else None,
                               "loader_img_per_s": images_seen / loader_s if loader_s > 0 else None,
                               "train_seconds": train_time + data_time, "in_memory": data.in_memory,
-                              "world_size": d.world, "skipped_images": len(bad_seen)}
+                              "world_size": d.world, "skipped_images": len(bad_seen),
+                              "precision": precision, "hardware": hardware(d.device)}
     if interrupted:
         metrics.close()
         return result
     checkpoint()
-    final_eval = run_eval()
+    # An early stop has just evaluated these weights.
+    final_eval = result_eval if stopped_early else run_eval()
     if final_eval is not None:
         result.update({k: final_eval[k] for k in ("top1", "top5", "loss", "n", "per_class")})
-        metrics.write({"step": step, "epoch": round(step / spe, 4), "split": "val",
-                       **{k: final_eval[k] for k in ("top1", "top5", "loss")}})
-    final_state = _full_state(model, optimizer, fsdp)[0] if fsdp else None  # a collective under FSDP
+        if not stopped_early:
+            metrics.write({"step": step, "epoch": round(step / spe, 4), "split": "val",
+                           **{k: final_eval[k] for k in ("top1", "top5", "loss")}})
+            track_best(final_eval)
+    if config.keep_best or config.patience is not None:
+        result.update(best=dict(best), stopped_early=stopped_early)
+    save_weights(run_dir / WEIGHTS)
     if d.main:
-        import copy
-
-        if fsdp:
-            final_model = build_model(config, num_classes)
-            final_model.load_state_dict(final_state)
-        else:
-            final_model = copy.deepcopy(_unwrap(model)).cpu()
-        if ema is not None:
-            ema.copy_to(final_model)
-        save_final_weights(final_model, run_dir / WEIGHTS, data.classes)
         result["weights"] = str(run_dir / WEIGHTS)
         atomic_write(run_dir / "final.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     metrics.close()
