@@ -5,7 +5,7 @@
 # Usage: bash scripts/train_ablation.sh [DATA] [OUT]   -> OUT/summary.md and one folder per run (metrics, final.json)
 set -euo pipefail
 DATA=${1:-../shared/datasets/cifar10}
-OUT=${2:-results/train/ablation-5min}
+OUT=${2:-results/train/ablation-5min-avx512bf16-cifar10}
 BASE=$(dirname "$0")/ablation-base.yaml
 VITLAB=${VITLAB:-vitlab}
 mkdir -p "$OUT"

@@ -2,7 +2,7 @@
 augmentation and the streaming DataLoader path) and the train step (forward + backward + AdamW) per precision.
 
     python scripts/train_throughput.py --config small-scratch --data ../shared/datasets/cifar10 \
-        --out results/train/throughput.json [--set key=value ...] [--steps 20] [--compile]
+        --out results/train/small-scratch-throughput-avx512bf16-cifar10.json [--set key=value ...] [--steps 20] [--compile]
 """
 
 from __future__ import annotations

@@ -146,12 +146,12 @@ class Prefetch:
     """Iterate ``batches`` while a background thread produces the next ``depth`` items.
 
     For a GPU: the training step waits for its loss each step, so without this the in-memory augmentation (CPU)
-    and the step (GPU) take turns, and the GPU sat idle half of a small model's run (H200, small-scratch recipe,
-    results/bench/gpu-h200). ``pin`` copies each tensor into page-locked memory so the step's host-to-device copy
-    can run asynchronously. Not for CPU training: the thread would compete with the step for the same cores, and
-    the augmentation seeds the process-wide CPU generator (``fork_rng``), which the CPU model's dropout draws from.
-    An exception raised by ``batches`` is raised by this iterator at the item where it happened; ``close`` (or
-    leaving a ``with`` block) stops the thread. ``busy_s`` is the producer's own time, for the loader's throughput.
+    and the step (GPU) take turns, and the GPU sat idle half of a small model's run (docs/speed.md, "On a GPU").
+    ``pin`` copies each tensor into page-locked memory so the step's host-to-device copy can run asynchronously.
+    Not for CPU training: the thread would compete with the step for the same cores, and the augmentation seeds
+    the process-wide CPU generator (``fork_rng``), which the CPU model's dropout draws from. An exception raised
+    by ``batches`` is raised by this iterator at the item where it happened; ``close`` (or leaving a ``with``
+    block) stops the thread. ``busy_s`` is the producer's own time, for the loader's throughput.
     """
 
     def __init__(self, batches: Iterator[tuple], *, depth: int = 2, pin: bool = False) -> None:
