@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(config, data, out)
     minutes = (time.perf_counter() - start) / 60
     model, classes = load_for_inference(out / "model.safetensors")
-    check = evaluate(model, data / "test", classes=classes, precision="fp32")
+    check = evaluate(model, data / "test", classes=classes, precision=config.precision)
     print(f"trained {result['epochs']:.1f} epochs in {minutes:.1f} min ({result['train_img_per_s']:.0f} img/s)")
     print(f"test accuracy of the saved checkpoint {out / 'model.safetensors'}: top-1 {check['top1']:.2f}% "
           f"top-5 {check['top5']:.2f}% on {check['n']} images")

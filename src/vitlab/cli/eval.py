@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from vitlab.precision import PRECISIONS
+
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.train.evaluate import evaluate, plot_confusion
@@ -49,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="input scaling (official: [-1, 1])")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default): bf16 where the device runs it natively, else fp32")
     p.add_argument("--confusion", help="confusion-matrix PNG path (default: next to the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, loss, per_class, ...)")
     p.set_defaults(func=run)

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitlab.precision import autocast
+
 log = logging.getLogger(__name__)
 
 # big_vision's constant bias feature: large, so the l2 penalty on its weight is negligible.
@@ -104,7 +106,7 @@ def draw_shots(labels: list[int], shots: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, paths: list[str], *, image_size: int, normalize: str = "official",
-                     batch_size: int = 128, precision: str = "fp32", progress: bool = False) -> torch.Tensor:
+                     batch_size: int = 128, precision: str = "auto", progress: bool = False) -> torch.Tensor:
     """(N, F) pooled representations of the images at ``paths`` (decoded and resized as for evaluation)."""
     from vitlab.data.images import load_rgb
     from vitlab.data.transforms import eval_transform
@@ -120,7 +122,7 @@ def extract_features(model: nn.Module, paths: list[str], *, image_size: int, nor
         batches = tqdm(batches, desc="features", unit="batch", leave=False)
     for start in batches:
         x = torch.stack([transform(load_rgb(p, max_side=image_size)) for p in paths[start:start + batch_size]])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision, device):
             f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
         feats.append(f.float().cpu())
     return torch.cat(feats)

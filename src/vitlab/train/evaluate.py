@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,12 +12,7 @@ from torch.utils.data import DataLoader
 
 from vitlab.data.folder import SafeImageFolder, collate_skip_bad
 from vitlab.data.transforms import eval_transform
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from vitlab.precision import autocast
 
 
 def model_image_size(model: nn.Module, default: int = 224) -> int:
@@ -36,7 +30,7 @@ def folder_eval_loader(root: str | Path, image_size: int, *, normalize: str = "o
 @torch.no_grad()
 def evaluate(model: nn.Module, loader_or_dir: Iterable | str | Path, *, image_size: int | None = None,
              normalize: str = "official", batch_size: int = 256, workers: int = 2, num_classes: int | None = None,
-             classes: list[str] | None = None, precision: str = "bf16", device: torch.device | str | None = None,
+             classes: list[str] | None = None, precision: str = "auto", device: torch.device | str | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Accuracy of ``model`` (any module returning logits) on a folder (``<class>/<image>``) or an iterable of
     ``(images, labels)`` or ``(images, labels, bad)`` batches.
@@ -67,7 +61,7 @@ def evaluate(model: nn.Module, loader_or_dir: Iterable | str | Path, *, image_si
         if len(y) == 0:
             continue
         x, y = x.to(device), y.to(device)
-        with autocast(device, precision):
+        with autocast(precision, device):
             logits = model(x)
         logits = logits.float()
         K = logits.shape[1]
