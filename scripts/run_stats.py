@@ -1,6 +1,6 @@
 """Test top-1 of finished training runs and their mean ± sample standard deviation, from each run's final.json.
 
-    python scripts/run_stats.py results/train/small-scratch-lr2e-3-avx512bf16-seed1-cifar10 results/train/small-scratch-lr2e-3-avx512bf16-seed2-cifar10 ...
+    python scripts/run_stats.py results/train/small-scratch-torch-ops-avx512bf16-seed{1,2,3,4}-cifar10
 """
 
 from __future__ import annotations

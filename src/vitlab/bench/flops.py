@@ -90,7 +90,7 @@ def matmul_shapes(config: ViTConfig, batch: int) -> list[tuple[int, int, int, in
     """Every matrix multiply of one forward of ``batch`` images as (count, b, m, k, n): ``count`` times a batch of
     ``b`` (m x k) @ (k x n) products. The patch projection, qkv, output projection, MLP and head are Dense layers
     over all tokens (b = 1); q kᵀ and p v run per image and head. No hybrid backbone (its convolutions are not
-    listed). What ``scripts/gemm_ceiling.py`` times; :func:`flops_breakdown` counts the same list."""
+    listed). What ``scripts/dev/gemm_ceiling.py`` times; :func:`flops_breakdown` counts the same list."""
     if config.backbone is not None:
         raise ValueError("matmul_shapes lists plain ViTs only (a hybrid's ResNet convolutions are not matmuls here)")
     return _encoder_matmuls(config, batch, config.in_channels, config.image_hw)

@@ -3,12 +3,14 @@
 # budget), so that they compare at equal training instead of at the speed the 2-core CPU happened to give them.
 # Each variant is one `vitlab train` process with 2 threads (the GPU machine has 16 cores); results go to
 # $OUT/sweep.json (name, overrides, final metrics and the validation curve of every run) and $OUT/sweep.txt.
-#   usage: OUT=dir DATA=path/to/cifar10 [LIMIT_S=520] [VARIANTS="$(cat FILE)"] bash scripts/gpu_recipe_sweep.sh
-# A variant is "name: --set k=v ..."; the default list below is sweep 1, results/train/small-scratch-lr2e-3-wd0.05-fixed-epochs-sweep-h200-cifar10/sweep2.variants
-# is sweep 2. The variants change the recipe as it was swept, with weight decay 0.05 and lr 2e-3 (pinned in COMMON,
-# since the preset has moved to 0.1 and 1e-3; a variant's own --set comes later and wins).
+#   usage: OUT=dir DATA=path/to/cifar10 [LIMIT_S=520] [VARIANTS="$(cat FILE)"] \
+#          bash scripts/dev/gpu_recipe_sweep.sh
+# A variant is "name: --set k=v ..."; the default list below is sweep 1, and
+# results/train/small-scratch-lr2e-3-wd0.05-fixed-epochs-sweep-h200-cifar10/sweep2.variants is sweep 2. The
+# variants change the recipe as it was swept, with weight decay 0.05 and lr 2e-3 (pinned in COMMON, since the
+# preset has moved to 0.1 and 1e-3; a variant's own --set comes later and wins).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/train/small-scratch-lr2e-3-wd0.05-fixed-epochs-sweep-h200-cifar10}
 DATA=${DATA:?DATA must point to an ImageFolder tree with train/ and test/}
 LIMIT_S=${LIMIT_S:-520}

@@ -2,7 +2,8 @@
 they replace, forward and backward, at the activation shapes of ViT-S/16 (batch 16) and of the small-scratch
 preset's model (batch 128, 32 px). Writes JSON.
 
-    python scripts/kernel_timing.py --out results/bench/gelu-layernorm-op-bf16-fp32-avx512bf16.json [--threads 2] [--reps 21]
+    python scripts/dev/kernel_timing.py --out results/bench/gelu-layernorm-op-bf16-fp32-avx512bf16.json \
+        [--threads 2] [--reps 21]
 
 Each row's calls are timed interleaved (A B C, C B A, ...), medians. GELU rows: PyTorch's tanh GELU, PyTorch's
 erf GELU (for scale) and the kernel, in bf16 and fp32. LayerNorm rows: what autocast runs (fp32 LayerNorm, then the

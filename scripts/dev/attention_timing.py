@@ -2,7 +2,7 @@
 fused SDPA kernel, vitlab's torch-op path (``_sliced_attention`` forward, recomputing sliced backward) and vitlab's
 C++ kernel (``vitlab.model.cpu_kernels``), forward + backward and the inference forward alone. Writes JSON.
 
-    python scripts/attention_timing.py --out results/bench/attention-op-bf16-avx512bf16.json [--threads 2]
+    python scripts/dev/attention_timing.py --out results/bench/attention-op-bf16-avx512bf16.json [--threads 2]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 cross-entropy, backward, fused AdamW) of each library's model with the same weights, printed as a table per
 library. The attention's own time shows as ``_ReducedPrecisionAttention`` (vitlab) and the SDPA flash ops (timm).
 
-    python scripts/profile_train_step.py [--model ViT-S/16] [--batch 16] [--threads 2] [--rows 18]
+    python scripts/dev/profile_train_step.py [--model ViT-S/16] [--batch 16] [--threads 2] [--rows 18]
 """
 
 from __future__ import annotations

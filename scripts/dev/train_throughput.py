@@ -1,8 +1,9 @@
 """Throughput of the training pieces on this machine, written as JSON: the data loader alone (in-memory batch
 augmentation and the streaming DataLoader path) and the train step (forward + backward + AdamW) per precision.
 
-    python scripts/train_throughput.py --config small-scratch --data ../shared/datasets/cifar10 \
-        --out results/train/small-scratch-throughput-avx512bf16-cifar10.json [--set key=value ...] [--steps 20] [--compile]
+    python scripts/dev/train_throughput.py --config small-scratch --data ../shared/datasets/cifar10 \
+        --out results/train/small-scratch-throughput-avx512bf16-cifar10.json \
+        [--set key=value ...] [--steps 20] [--compile]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a model's CPU inference time goes: ``torch.profiler`` over a few forwards of vitlab's model, as the
 benchmark runs it (same model, input and autocast), printed as a table of ops by self time.
 
-    python scripts/profile_inference.py [--model ViT-S/16] [--batch 16] [--dtype bf16-autocast] [--threads 2]
+    python scripts/dev/profile_inference.py [--model ViT-S/16] [--batch 16] [--dtype bf16-autocast] [--threads 2]
 """
 
 from __future__ import annotations

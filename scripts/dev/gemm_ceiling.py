@@ -12,7 +12,7 @@ bound on any implementation's time built on these kernels, so
 
 vitlab, timm and the matmuls alone are timed interleaved in one process (medians), as ``vitlab bench`` does.
 
-    python scripts/gemm_ceiling.py --out results/bench/gemm-ceiling-bf16-vits16-vitb16-avx512bf16.json [--threads 2]
+    python scripts/dev/gemm_ceiling.py --out results/bench/gemm-ceiling-bf16-vits16-vitb16-avx512bf16.json [--threads 2]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Time and peak memory of converting a ViT-B/16-sized checkpoint (86M parameters, 344 MB in float32) between
 formats on the CPU, each conversion in a fresh process so its peak RSS is its own.
 
-    .venv/bin/python scripts/bench_checkpoint_conversion.py [--out results/checkpoints/convert_vit_b16.json]
+    .venv/bin/python scripts/dev/bench_checkpoint_conversion.py [--out results/checkpoints/convert_vit_b16.json]
 
 The source is a random-weight ViT-B/16 written in the official vit_jax ``.npz`` layout (what ``ViT-B_16.npz``
 holds); then npz -> vitlab, vitlab -> timm, timm -> hf, hf -> npz run as ``vitlab.checkpoints.convert`` calls.
