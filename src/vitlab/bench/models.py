@@ -48,7 +48,7 @@ def cifar_config() -> ViTConfig:
                          classifier="gap")
 
 
-# Batch sizes chosen so that one call is long enough to time (>~0.1 s) and short enough for the 12-minute run.
+# Batch sizes chosen so that one call is long enough to time (>~0.1 s) and the full CPU run stays within minutes.
 _DEFAULT_BATCH = {"ViT-Ti/16": (32, 32), "ViT-S/16": (16, 16), "ViT-B/16": (8, 8), CIFAR_KEY: (128, 128)}
 
 
