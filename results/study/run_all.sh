@@ -11,7 +11,9 @@ VITLAB=${VITLAB:-.venv/bin/vitlab}
 VIT="ViT-Ti/16:patch_size=4:width=128:num_heads=2:depth=4:mlp_dim=256:classifier=gap"
 RESNET="ResNet-26:width_factor=0.5:num_groups=16"
 read -r -a COMMON <<< "--set threads=2 ${EXTRA:-}"
-$VITLAB study data-size --data "$DATA" --out "$OUT/data-size" --fractions 0.05,0.1,0.3,1.0 \
+# The published data-size run gave every cell the same steps (--steps-rule same); the paper's rule is
+# results/study/run_data_size.sh.
+$VITLAB study data-size --data "$DATA" --out "$OUT/data-size" --fractions 0.05,0.1,0.3,1.0 --steps-rule same \
     --models "$VIT,$RESNET" --budget-minutes "${B_DATA:-9}" "${COMMON[@]}"
 $VITLAB study patch-size --data "$DATA" --out "$OUT/patch-size" --model "$VIT" --patch-sizes 8,4,2 \
     --budget-minutes "${B_PATCH:-6.5}" "${COMMON[@]}"

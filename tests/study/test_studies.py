@@ -18,7 +18,8 @@ def _no_training(*args, **kwargs):
 
 def test_data_size_runs_resumes_and_refuses_a_different_request(tiny_data, tmp_path, monkeypatch) -> None:
     out = tmp_path / "study"
-    kwargs = dict(models=[TINY_VIT, TINY_RESNET], fractions=[1.0, 0.5], steps=2, sets=TINY_RECIPE, progress=False)
+    kwargs = dict(models=[TINY_VIT, TINY_RESNET], fractions=[1.0, 0.5], steps=2, sets=TINY_RECIPE, progress=False,
+                  steps_rule="same")
     summary = studies.data_size(tiny_data, out, **kwargs)
     cells = summary["cells"]
     assert summary["complete"] and len(cells) == 4
@@ -175,3 +176,84 @@ def test_every_pos_embed_kind_evaluates_under_bf16_autocast(kind: str) -> None:
             low = model(x)
     assert low.shape == (2, 3)
     torch.testing.assert_close(low.float(), reference, atol=0.1, rtol=0.1)
+
+
+def test_data_size_as_the_paper_ran_it(tiny_data, tmp_path) -> None:
+    """Proportional rule: a validation split carved from train/ (never a test image, never a training image of any
+    cell), steps in proportion to each subset, and the test split evaluated once with the best validation weights."""
+    import os
+
+    import vitlab
+    from vitlab.train.evaluate import evaluate
+
+    out = tmp_path / "ds"
+    summary = studies.data_size(tiny_data, out, models=[TINY_VIT], fractions=[0.5, 1.0], epochs=3.0,
+                                val_fraction=0.25, evaluations=3, min_steps=4, sets=TINY_RECIPE, progress=False)
+    half, full = summary["cells"]
+    # 20 images per class: 5 carved for validation, 15 left; half of those is round(7.5) = 8 per class.
+    assert (half["num_train"], full["num_train"]) == (24, 45)
+    assert (half["steps"], full["steps"]) == (round(3.0 * 24 / 8), round(3.0 * 45 / 8))  # 9 and 17
+    val_links = {}
+    for cell in (half, full):
+        root = out / "subsets" / f"frac_{cell['label']['fraction']:g}"
+        real = {split: {os.path.realpath(p) for p in (root / split).rglob("*.png")} for split in ("train", "val")}
+        test = {os.path.realpath(p) for p in (root / "test").rglob("*.png")}
+        assert len(real["val"]) == 15 and len(test) == 18
+        assert not real["val"] & real["train"] and not real["val"] & test and not real["train"] & test
+        assert all(p.startswith(str((tiny_data / "train").resolve())) for p in real["val"])
+        val_links[cell["key"]] = real["val"]
+        run = out / "cells" / cell["key"]
+        vals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        vals = [r for r in vals if r.get("split") == "val"]
+        assert len(vals) == 3 and vals[-1]["step"] == cell["steps"]  # three evaluations, the last at the end
+        top = max(r["top1"] for r in vals)
+        assert cell["val_top1"] == top and cell["best_step"] == next(r["step"] for r in vals if r["top1"] == top)
+        best = vitlab.load(run / "best.safetensors")
+        test_eval = evaluate(best, tiny_data / "test", image_size=16, workers=0)
+        assert cell["top1"] == test_eval["top1"] and cell["num_test"] == 18
+    assert val_links[half["key"]] == val_links[full["key"]]  # one validation split for every cell
+    assert "| best validation step |" in summary["table"]
+
+
+def test_proportional_budget_picks_the_epochs_that_fit(tiny_data, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "probe_step_seconds", lambda config, num_classes: 0.05)
+    monkeypatch.setattr(runner, "probe_decode_seconds", lambda data_dir, image_size: 1e-3)
+    monkeypatch.setattr(studies, "run_cells", lambda cells, *a, **k: [])  # plan only
+    summary = studies.data_size(tiny_data, tmp_path / "b", models=[TINY_VIT, TINY_RESNET], fractions=[0.5, 1.0],
+                                budget_minutes=1.0, val_fraction=0.25, evaluations=4, min_steps=4, max_steps=200,
+                                sets=TINY_RECIPE, progress=False)
+    plan = summary["plan"]
+
+    def estimate(epochs: float) -> float:
+        """By hand: steps = clamp(round(epochs * n / 8), 4, 200) per cell, 0.05 s x pipeline factor each; decoding
+        train + 18 test + 15 validation images; overhead; the test split once and the validation split 4 times."""
+        total = 0.0
+        for n in (24, 24, 45, 45):
+            steps = min(200, max(4, round(epochs * n / 8)))
+            total += 0.05 * runner.PIPELINE_FACTOR * steps + 1e-3 * (n + 18 + 15) + runner.CELL_OVERHEAD_SECONDS
+            total += 0.05 / 3 / 8 * (18 + 4 * 15)
+        return total
+
+    assert estimate(plan["epochs"]) <= 60.0 < estimate(plan["epochs"] + 0.01)
+    assert plan["steps"] == [min(200, max(4, round(plan["epochs"] * n / 8))) for n in (24, 24, 45, 45)]
+
+
+def test_fit_budget_is_the_largest_that_fits() -> None:
+    costs = runner.CellCosts(per_step=[0.5, 1.0], fixed=[10.0, 20.0], probes={}, decode=0.0)
+    # seconds(x) = 30 + 0.5 * round(2x) + 1.0 * (10 + round(x)); a 2-minute budget leaves 80 s for 0.5*2x + x.
+    x = runner.fit_budget(costs, lambda x: [round(2 * x), 10 + round(x)], 2.0)
+    assert 30 + 0.5 * round(2 * x) + 10 + round(x) <= 120 and round(x) == 40
+    assert runner.fit_budget(costs, lambda x: [round(x), 1000], 1.0) == 0.0  # not even the minimum fits
+
+
+def test_data_size_refuses_mixed_rules(tiny_data, tmp_path, capsys) -> None:
+    from vitlab.cli import main
+
+    with pytest.raises(ValueError, match="with the proportional rule give --epochs"):
+        studies.data_size(tiny_data, tmp_path / "a", models=[TINY_VIT], fractions=[1.0], steps=3)
+    assert main(["study", "data-size", "--data", str(tiny_data), "--out", str(tmp_path / "b"),
+                 "--models", TINY_VIT]) == 2
+    assert "needs --epochs or --budget-minutes" in capsys.readouterr().err
+    assert main(["study", "data-size", "--data", str(tiny_data), "--out", str(tmp_path / "c"), "--models", TINY_VIT,
+                 "--epochs", "1", "--val-fraction", "1.5"]) == 2
+    assert "validation fraction must be in (0, 1)" in capsys.readouterr().err

@@ -68,3 +68,32 @@ def test_missing_test_split_is_named(tmp_path) -> None:
     (tmp_path / "train" / "a" / "x.png").write_bytes(b"")
     with pytest.raises(ValueError, match="full test split"):
         materialise_subsets(tmp_path, [0.5], tmp_path / "out")
+
+
+def test_validation_split_is_balanced_disjoint_and_seeded() -> None:
+    from vitlab.study.subsets import split_validation
+
+    val, rest = split_validation(FILES, 0.1, seed=0)
+    for c in FILES:
+        assert len(val[c]) == 4 and len(rest[c]) == 36  # round(0.1 * 40)
+        assert not set(val[c]) & set(rest[c]) and sorted(val[c] + rest[c]) == FILES[c]
+    assert split_validation(FILES, 0.1, seed=0) == (val, rest)
+    assert split_validation(FILES, 0.1, seed=1)[0] != val
+    # The validation draw does not follow the subset draw: the first subset files of a class are not its val files.
+    assert nested_subsets(FILES, [0.1], seed=0)[0.1] != sorted(p for v in val.values() for p in v)
+    with pytest.raises(ValueError, match="at least 2 per class"):
+        split_validation({"a": ["a/0"]}, 0.5)
+
+
+def test_per_class_subsets_are_nested(tiny_data, tmp_path) -> None:
+    from vitlab.study.subsets import materialise_per_class, nested_per_class
+
+    chosen = nested_per_class(FILES, [2, 10, None], seed=0)
+    assert [len(chosen[k]) for k in (2, 10, None)] == [6, 30, 120]
+    assert set(chosen[2]) < set(chosen[10]) < set(chosen[None])
+    assert chosen[10] == nested_subsets(FILES, [0.25], seed=0)[0.25]  # 10 per class is fraction 0.25 here
+    subsets = materialise_per_class(tiny_data, [3, None], tmp_path / "s")
+    assert subsets[3].num_images == 9 and subsets[3].per_class == 3 and subsets[None].num_images == 60
+    assert (subsets[3].root / "test").resolve() == (tiny_data / "test").resolve()
+    with pytest.raises(ValueError, match="must be positive"):
+        nested_per_class(FILES, [0])

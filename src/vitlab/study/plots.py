@@ -113,3 +113,69 @@ def plot_pos_embed(results: list[dict[str, Any]], path: str | Path) -> Path:
                  fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_resolution(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """Test accuracy against training compute (pre-training included for fine-tunes), one series per way of
+    reaching a resolution, each point labelled with its resolution."""
+    from matplotlib.ticker import NullFormatter
+
+    fig, ax = _figure(6.0, 4.0)
+    series = {"pretrain": ("pre-training", "o"), "interpolated": ("fine-tune, interpolated", "o-"),
+              "unchanged": ("fine-tune, interpolated", "o-"),
+              "not-interpolated": ("fine-tune, not interpolated", "s--"), "scratch": ("from scratch", "^:")}
+    points: dict[str, list[tuple[float, float, int]]] = {}
+    for r in results:
+        kind = r["label"]["kind"]
+        name = kind if kind != "finetune" else r["info"]["pos_embed"]
+        points.setdefault(series[name][0], []).append((r["info"]["training_tflops"], r["top1"],
+                                                       r["info"]["image_size"]))
+    styles = {label: style for label, style in series.values()}
+    for i, (label, pts) in enumerate(points.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[label], label=label,
+                color="k" if label == "pre-training" else f"C{i}")
+        for x, y, size in pts:
+            ax.annotate(f"{size}px", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("training compute (TFLOPs, pre-training included)")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    pre = [r["info"]["image_size"] for r in results if r["label"]["kind"] == "pretrain"]
+    ax.set_title("Fine-tuning at the same and higher resolutions"
+                 + (f" (pre-trained at {pre[0]} px)" if pre else ""), fontsize=10)
+    return _save(fig, path)
+
+
+def plot_transfer(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """Target test accuracy against images per class (log axis): fine-tuned with each recipe, from scratch, and
+    few-shot linear probes of the pre-trained (and of randomly initialised) features."""
+    fig, ax = _figure(6.0, 4.0)
+    names = {"finetune-paper": ("fine-tune, paper recipe", "o-"),
+             "finetune-small": ("fine-tune, small-data recipe", "s-"), "scratch": ("from scratch", "^--")}
+    lines: dict[str, list[tuple[int, float]]] = {}
+    pre = None
+    for r in results:
+        if r["key"] == "pretrain":
+            pre = r
+            continue
+        lines.setdefault(r["label"]["kind"], []).append((r["info"]["per_class"], r["top1"]))
+    for i, kind in enumerate(k for k in names if k in lines):
+        pts = sorted(lines[kind])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], names[kind][1], label=names[kind][0], color=f"C{i}")
+    if pre is not None:
+        for key, label, style in (("fewshot", "few-shot linear, pre-trained features", "d:"),
+                                  ("fewshot_random_init", "few-shot linear, random-init features", "x:")):
+            shots = sorted(pre[key]["shots"].items(), key=lambda kv: int(kv[0]))
+            ax.plot([int(k) for k, _ in shots], [v["mean"] for _, v in shots], style, label=label,
+                    color="C3" if key == "fewshot" else "0.5")
+        ax.axhline(100.0 / pre["chain"]["num_classes"], color="0.7", lw=0.8, ls="-", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("target training images per class")
+    ax.set_ylabel("target test top-1 accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Pre-trained on the source, fine-tuned on the target", fontsize=10)
+    return _save(fig, path)

@@ -93,8 +93,8 @@ def split_list(text: str, kind: type = str) -> list:
 
 # --------------------------------------------------------------------------------------------------- plan
 def load_or_make_plan(out_dir: Path, request: dict[str, Any], make_steps: Callable[[], dict[str, Any]]) -> dict:
-    """The study's plan: the stored one if ``request`` matches it, else a new one (``make_steps`` returns at least
-    ``{"steps": N}``). A stored plan for a different request raises a ``ValueError`` naming the differences."""
+    """The study's plan: the stored one if ``request`` matches it, else a new one (``make_steps`` returns the step
+    counts the cells need, e.g. ``{"steps": N}``). A stored plan for a different request raises a ``ValueError`` naming the differences."""
     path = out_dir / "plan.json"
     if path.is_file():
         try:
@@ -106,7 +106,7 @@ def load_or_make_plan(out_dir: Path, request: dict[str, Any], make_steps: Callab
             raise ValueError(f"{path} belongs to a different study request; finished cells would be mixed with new "
                              f"ones. Use another --out, or repeat the original arguments. Differences:\n  "
                              + "\n  ".join(diff))
-        log.info("resuming the study in %s (%d steps per cell)", out_dir, plan["steps"])
+        log.info("resuming the study in %s", out_dir)
         return plan
     plan = {"request": request, **make_steps(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,47 +180,99 @@ def probe_decode_seconds(data_dir: Path, image_size: int, max_images: int = 200)
     return (time.perf_counter() - start) / max(1, len(sample))
 
 
-def steps_for_budget(cells: list[Cell], budget_minutes: float, num_classes: int) -> dict[str, Any]:
-    """The common step count that makes all ``cells`` fit ``budget_minutes``, with the probe timings used."""
+def _probe_key(config: TrainConfig) -> str:
+    return json.dumps([config.model, config.model_overrides, config.batch_size, config.image_size], sort_keys=True)
+
+
+@dataclass
+class CellCosts:
+    """What :func:`cell_costs` measured: per cell, seconds per optimisation step and seconds that do not depend
+    on the steps (decoding, evaluation, start-up), with the probe timings behind them."""
+
+    per_step: list[float]
+    fixed: list[float]
+    probes: dict[str, float]
+    decode: float
+
+    def record(self) -> dict[str, Any]:
+        return {"probe_seconds_per_step": self.probes, "probe_decode_seconds_per_image": self.decode}
+
+
+def cell_costs(cells: list[Cell], num_classes: int, *, evaluations: list[int] | None = None) -> CellCosts:
+    """Time each distinct (model, batch, resolution) of ``cells`` for a few steps and estimate every cell's cost.
+
+    ``evaluations[i]``: how many times cell ``i`` evaluates its ``num_val`` validation images (``info``), besides
+    the one evaluation of its test split; a forward pass costs about a third of a training step.
+    """
     try:
         decode = probe_decode_seconds(cells[0].data_dir, cells[0].config.image_size)
     except (OSError, ValueError):
         decode = DECODE_SECONDS_PER_IMAGE
     probes: dict[str, float] = {}
-    for cell in cells:
-        key = json.dumps([cell.config.model, cell.config.model_overrides, cell.config.batch_size], sort_keys=True)
+    per_step, fixed = [], []
+    for i, cell in enumerate(cells):
+        key = _probe_key(cell.config)
         if key not in probes:
             probes[key] = probe_step_seconds(cell.config, num_classes)
             log.info("probe %s: %.3f s/step", key, probes[key])
-    per_step = 0.0
-    fixed = 0.0
-    for cell in cells:
-        key = json.dumps([cell.config.model, cell.config.model_overrides, cell.config.batch_size], sort_keys=True)
-        t = probes[key] * PIPELINE_FACTOR
-        per_step += t
-        # Decoding the subset and the test split once, and evaluating the test split (a forward is ~1/3 of a step).
-        fixed += decode * (cell.num_train + cell.num_test) + CELL_OVERHEAD_SECONDS
-        fixed += math.ceil(cell.num_test / cell.config.batch_size) * probes[key] / 3.0
+        per_step.append(probes[key] * PIPELINE_FACTOR)
+        num_val = int(cell.info.get("num_val", 0))
+        forward = probes[key] / 3.0 / cell.config.batch_size  # seconds per evaluated image
+        seconds = decode * (cell.num_train + cell.num_test + num_val) + CELL_OVERHEAD_SECONDS
+        seconds += forward * (cell.num_test + (evaluations[i] if evaluations else 0) * num_val)
+        fixed.append(seconds)
+    return CellCosts(per_step, fixed, probes, decode)
+
+
+def steps_for_budget(cells: list[Cell], budget_minutes: float, num_classes: int) -> dict[str, Any]:
+    """The common step count that makes all ``cells`` fit ``budget_minutes``, with the probe timings used."""
+    costs = cell_costs(cells, num_classes)
+    per_step, fixed = sum(costs.per_step), sum(costs.fixed)
     budget = budget_minutes * 60.0
     steps = int((budget - fixed) / per_step) if per_step > 0 else MIN_STEPS
     if steps < MIN_STEPS:
         log.warning("a %.1f-minute budget leaves %d steps per cell; using %d (the study will take longer)",
                     budget_minutes, steps, MIN_STEPS)
         steps = MIN_STEPS
-    return {"steps": steps, "budget_minutes": budget_minutes, "probe_seconds_per_step": probes,
-            "probe_decode_seconds_per_image": decode,
+    return {"steps": steps, "budget_minutes": budget_minutes, **costs.record(),
             "estimated_minutes": round((fixed + steps * per_step) / 60.0, 2)}
+
+
+def fit_budget(costs: CellCosts, steps_of: Callable[[float], list[int]], budget_minutes: float,
+               extra_seconds: float = 0.0) -> float:
+    """The largest ``x`` for which cells of ``steps_of(x)`` steps (non-decreasing in ``x``), at the measured
+    ``costs``, fit ``budget_minutes`` together with ``extra_seconds`` of other work (found by bisection): how a study
+    whose cells get different step counts (in proportion to their data, or to a compute budget) turns minutes into
+    steps. 0 when not even ``steps_of(0)`` fits (the study then takes longer than asked, with a warning)."""
+    def seconds(x: float) -> float:
+        return sum(costs.fixed) + extra_seconds + sum(t * n for t, n in zip(costs.per_step, steps_of(x)))
+
+    budget = budget_minutes * 60.0
+    if seconds(0.0) > budget:
+        log.warning("a %.1f-minute budget does not cover the smallest allowed steps (estimated %.1f minutes)",
+                    budget_minutes, seconds(0.0) / 60.0)
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while seconds(hi) <= budget and hi < 1e9:
+        lo, hi = hi, hi * 2.0
+    for _ in range(50):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if seconds(mid) <= budget else (lo, mid)
+    return lo
 
 
 # --------------------------------------------------------------------------------------------------- run
 def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
+              before: Callable[[Cell], None] | None = None,
               after: Callable[[Cell, Path], dict[str, Any]] | None = None,
               on_result: Callable[[list[dict[str, Any]]], Any] | None = None,
               progress: bool | None = None) -> list[dict[str, Any]]:
     """Train every cell not finished yet (in order) and return all cells' results.
 
-    ``after(cell, run_dir)`` adds study-specific numbers measured on the trained model (e.g. the position
-    embedding's topology); ``on_result(results so far)`` runs after each newly finished cell, so the study's
+    ``before(cell)`` prepares what a cell reads and an earlier cell made (e.g. a converted checkpoint to fine-tune
+    from); ``after(cell, run_dir)`` adds study-specific numbers measured on the trained model (e.g. the position
+    embedding's topology, or the test accuracy at the best validation step), and may replace the record's
+    ``top1``; ``on_result(results so far)`` runs after each newly finished cell, so the study's
     summary is current even if it is stopped. A cell interrupted by a signal stops the study; rerunning the same
     command continues it.
     """
@@ -254,6 +306,8 @@ def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
                 continue
             if bar is not None:
                 bar.set_postfix_str(cell.key)
+            if before is not None:
+                before(cell)
             run_dir = out_dir / "cells" / cell.key
             resume = (run_dir / "checkpoint.pt").is_file()
             log.info("%s: %s %d steps on %s", where, "resuming" if resume else "training", cell.config.steps,
@@ -274,6 +328,8 @@ def run_cells(cells: list[Cell], out_dir: Path, *, study: str,
                 "per_class": result.get("per_class"), "run_dir": str(run_dir),
                 "config": dataclasses.asdict(cell.config),
             }
+            if "best" in result:  # early stopping: the best validation evaluation and whether the run stopped
+                record.update(best=result["best"], stopped_early=result["stopped_early"])
             if after is not None:
                 record.update(after(cell, run_dir))
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
