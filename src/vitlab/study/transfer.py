@@ -160,7 +160,7 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
     if any(k < 1 for k in shots) or draws < 1:
         raise ValueError(f"shots and draws must be positive, got shots {shots}, draws {draws}")
     src_train, src_test, src_classes = count_images(source)
-    _, tgt_test, tgt_classes = count_images(target)
+    tgt_train, tgt_test, tgt_classes = count_images(target)
     check_head(source, src_classes, base.num_classes, "source")
     check_head(target, tgt_classes, base.num_classes, "target")
     name, overrides = parse_model_spec(model)
@@ -209,7 +209,7 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
         pre_costs = cell_costs([pretrain_cell(100)], src_classes)
         tgt_costs = cell_costs(target_cells(1.0), tgt_classes)
         # Few-shot: features of the target's test split and of the drawn shots, twice (pre-trained, random init).
-        shot_images = min(sum(subsets[k].num_images for k in sizes[-1:]), tgt_classes * max(shots) * draws)
+        shot_images = min(tgt_train, tgt_classes * max(shots) * draws)
         fewshot_s = 2 * (tgt_test + shot_images) * (pre_costs.decode + pre_costs.per_step[0] / 3 / base.batch_size)
         budget = budget_minutes * 60.0
         if pretrain_steps is not None:
@@ -260,12 +260,16 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
             raise RuntimeError(f"{npz} does not reproduce {run_dir / 'model.safetensors'}: {chain}")
         log.info("chain: model.safetensors and %s load identically at %d px with %d classes", npz.name, ft_size,
                  tgt_classes)
+        threads = torch.get_num_threads()
         if cell.config.threads:
             torch.set_num_threads(cell.config.threads)
-        kwargs = dict(draws=draws, l2s=l2s, seed=subset_seed, normalize=normalize, progress=bool(progress))
-        pretrained = fewshot_evaluate(vitlab.load(npz), target, shots, **kwargs)
-        torch.manual_seed(cell.config.seed)  # the pre-training's initial weights
-        random_init = fewshot_evaluate(build_model(cell.config, src_classes), target, shots, **kwargs)
+        try:
+            kwargs = dict(draws=draws, l2s=l2s, seed=subset_seed, normalize=normalize, progress=bool(progress))
+            pretrained = fewshot_evaluate(vitlab.load(npz), target, shots, **kwargs)
+            torch.manual_seed(cell.config.seed)  # the pre-training's initial weights
+            random_init = fewshot_evaluate(build_model(cell.config, src_classes), target, shots, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
         return {"chain": chain, "fewshot": pretrained, "fewshot_random_init": random_init}
 
     def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
