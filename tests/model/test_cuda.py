@@ -4,6 +4,8 @@ GPU machine with ``pytest -m cuda`` (scripts/gpu_check.sh)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -97,17 +99,18 @@ def test_flash_attention_backward_matches_fp64_on_cuda() -> None:
 
 
 def test_autocast_inference_with_cached_weights_is_autocast_bit_for_bit() -> None:
-    """CUDA autocast inference casts the Dense weights once and keeps them (``_cuda_cast_dtype``): the logits
+    """CUDA autocast inference casts the Dense weights once and keeps them (``fast.block_inference``): the logits
     equal plain autocast's exactly, before and after a fused optimiser step changes the weights."""
     import vitlab
-    from vitlab.model.layers import fused_cpu_inference
+    from vitlab.model import fast
 
     model = vitlab.create_model("ViT-Ti/16", num_classes=10, image_size=64, patch_size=8).cuda().eval()
     torch.nn.init.normal_(model.head.weight, std=0.1)
     x = torch.randn(4, 3, 64, 64, device="cuda")
 
     def logits(cached: bool) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16), fused_cpu_inference(cached):
+        path = contextlib.nullcontext() if cached else fast.use("plain")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16), path:
             return model(x)
 
     first = logits(True)

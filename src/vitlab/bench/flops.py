@@ -122,7 +122,7 @@ def measure_flops(model: nn.Module, input_size: tuple[int, ...], **forward_kwarg
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vitlab.model.layers import fused_cpu_inference
+    from vitlab.model import fast
 
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -132,7 +132,7 @@ def measure_flops(model: nn.Module, input_size: tuple[int, ...], **forward_kwarg
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad(), \
-                fused_cpu_inference(False):
+                fast.use("plain"):
             model(x, **forward_kwargs)
     finally:
         model.train(was_training)

@@ -1,12 +1,14 @@
-"""vitlab's C++ CPU kernels, for CPUs with AVX512-BF16: bf16 softmax attention, forward and backward
-(``csrc/cpu_attention.cpp``), the tanh-approximation GELU with its gradient, bf16 or fp32 (``csrc/cpu_gelu.cpp``),
-and LayerNorm of fp32 input with a bf16 result, with its gradient (``csrc/cpu_layer_norm.cpp``).
+"""vitlab's C++ CPU kernels, two builds. ``kernels()``, for CPUs with AVX512-BF16: bf16 softmax attention, forward
+and backward (``csrc/cpu_attention.cpp``), the tanh-approximation GELU with its gradient, bf16 or fp32
+(``csrc/cpu_gelu.cpp``), and LayerNorm of fp32 input with a bf16 result, with its gradient
+(``csrc/cpu_layer_norm.cpp``). ``fp32_kernels()``, for AVX2 + FMA CPUs (``csrc/cpu_fp32.cpp``): the tanh GELU and
+its gradient in fp32, and bias + GELU in place on a matmul's output. ``vitlab.model.fast`` decides which runs.
 
 They are compiled on first use by torch's extension builder (``torch.utils.cpp_extension.load``; a C++ compiler is
 all it needs) into one module cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
-so only the first process on a machine pays the ~30-second build. Where the CPU lacks AVX512-BF16, the build fails
-(a warning says why) or ``VITLAB_CPU_KERNELS=0`` is set, ``kernels()`` returns None and the model keeps its
-torch-op paths, which compute the same functions more slowly.
+so only the first process on a machine pays the build (~30 s, or ~10 s for the fp32 one). Where the CPU lacks the
+instructions, the build fails (a warning says why) or ``VITLAB_CPU_KERNELS=0`` is set, the functions return None
+and the model keeps its torch-op paths, which compute the same functions more slowly.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from types import ModuleType
 
 import torch
 
+from vitlab import precision
+
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("cpu_attention.cpp", "cpu_gelu.cpp",
                                                                   "cpu_layer_norm.cpp")]
+_FP32_SOURCES = [Path(__file__).with_name("csrc") / "cpu_fp32.cpp"]
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
@@ -30,44 +35,50 @@ _state: dict[str, ModuleType | None] = {}
 _FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mavx512bf16",
           "-DCPU_CAPABILITY_AVX512"]
 _NAME = "vitlab_cpu_kernels_avx512_bf16"
+_FP32_FLAGS = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+_FP32_NAME = "vitlab_cpu_kernels_avx2_fp32"
 
 
 def supported() -> bool:
-    """Whether this CPU can run the kernels: AVX512-BF16 (e.g. AMD Zen 4 and later, Intel Cooper Lake, Sapphire
+    """Whether this CPU can run ``kernels()``: AVX512-BF16 (e.g. AMD Zen 4 and later, Intel Cooper Lake, Sapphire
     Rapids and later), with torch using its AVX-512 code path."""
-    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(has_bf16())
+    return precision.cpu_capability() == "AVX512" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported",
+                                                                    lambda: False)())
+
+
+def fp32_supported() -> bool:
+    """Whether this CPU can run ``fp32_kernels()``: AVX2 and FMA, torch on its AVX2 or AVX-512 code path."""
+    return precision.cpu_capability() in ("AVX2", "AVX512")
 
 
 def _enabled() -> bool:
     return os.environ.get("VITLAB_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _cached(cpp_extension: ModuleType) -> bool:
+def _cached(cpp_extension: ModuleType, name: str) -> bool:
     """Whether torch already holds a build (only to decide whether to announce one: torch's build directory is
     private API, so a failure here must not cost the kernel itself)."""
     try:
-        return (Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").exists()
+        return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
     except Exception:  # noqa: BLE001
         return False
 
 
-def _build() -> ModuleType | None:
+def _build(name: str, sources: list[Path], flags: list[str]) -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    if not _cached(cpp_extension):
-        print(f"vitlab: building the CPU kernels {_NAME} (~30 s, once; torch caches it)",
-              file=sys.stderr, flush=True)
+    if not _cached(cpp_extension, name):
+        print(f"vitlab: building the CPU kernels {name} (once; torch caches it)", file=sys.stderr, flush=True)
     try:
         # -fopenmp: at::parallel_for is a header template that runs threads only where OpenMP is compiled in; the
         # library it links is libgomp.so.1, the one torch has already loaded.
-        return cpp_extension.load(name=_NAME, sources=[str(path) for path in _SOURCES], extra_cflags=_FLAGS,
+        return cpp_extension.load(name=name, sources=[str(path) for path in sources], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use the torch-op path
-        names = ", ".join(path.name for path in _SOURCES)
-        warnings.warn(f"vitlab: could not build {names} ({type(error).__name__}: {error}); bf16 attention, the "
-                      "tanh GELU and autocast LayerNorm on the CPU use torch ops instead (same results, slower). "
-                      "Set VITLAB_CPU_KERNELS=0 to skip the build.", RuntimeWarning, stacklevel=3)
+        names = ", ".join(path.name for path in sources)
+        warnings.warn(f"vitlab: could not build {names} ({type(error).__name__}: {error}); the model uses torch "
+                      "ops instead (same results, slower). Set VITLAB_CPU_KERNELS=0 to skip the build.",
+                      RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -81,5 +92,18 @@ def kernels() -> ModuleType | None:
     if "module" not in _state:
         with _lock:
             if "module" not in _state:
-                _state["module"] = _build() if _enabled() and supported() else None
+                _state["module"] = _build(_NAME, _SOURCES, _FLAGS) if _enabled() and supported() else None
     return _state["module"]
+
+
+def fp32_kernels() -> ModuleType | None:
+    """The fp32 module, built on the first call: ``gelu_tanh_forward(x)``, ``gelu_tanh_backward(grad_output, x)``
+    on contiguous fp32 tensors, and ``bias_gelu_(h, bias, approximate)``, h <- GELU(h + bias) in place for a
+    contiguous fp32 (M, N) ``h`` (``approximate`` "tanh" or "none"). None where it is switched off, the CPU lacks
+    AVX2, or it cannot be built."""
+    if "fp32" not in _state:
+        with _lock:
+            if "fp32" not in _state:
+                ok = _enabled() and fp32_supported()
+                _state["fp32"] = _build(_FP32_NAME, _FP32_SOURCES, _FP32_FLAGS) if ok else None
+    return _state["fp32"]
