@@ -19,8 +19,8 @@ from vitlab.analysis import attention_rollout, mean_attention_distance, pos_embe
 from vitlab.analysis.images import input_normalization, list_images, read_images
 from vitlab.checkpoints.surgery import resample_pos_embed
 from vitlab.cli import main
-from vitlab.cli.inspect import load_model
 from vitlab.data import sample_root
+from vitlab.train.inference import load_for_inference
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -95,14 +95,14 @@ def test_corrupt_image_is_named(tmp_path: Path, checkpoint: tuple[Path, torch.nn
         read_images(list_images(folder), (16, 16))
     out = tmp_path / "out"
     rc = main(["inspect", str(checkpoint[0]), "--images", str(folder), "--out", str(out)])
-    assert rc == 1 and "b.jpg" in capsys.readouterr().out
+    assert rc == 2 and "b.jpg" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--images"):
         list_images(tmp_path / "missing")
 
 
 def test_other_resolution_resamples_position_embedding(checkpoint: tuple[Path, torch.nn.Module]) -> None:
     path, model = checkpoint
-    resized = load_model(str(path), image_size=24)
+    resized, _ = load_for_inference(path, image_size=24)
     assert resized.config.image_hw == (24, 24) and resized.config.grid_size == (6, 6)
     torch.testing.assert_close(resized.pos_embed, resample_pos_embed(model.pos_embed.detach(), (6, 6), (4, 4)))
 
@@ -116,13 +116,13 @@ def test_other_resolution_resamples_position_embedding(checkpoint: tuple[Path, t
 def test_bad_arguments_are_named(checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path, args: list[str],
                                  match: str, capsys: pytest.CaptureFixture) -> None:
     rc = main(["inspect", str(checkpoint[0]), "--out", str(tmp_path / "o"), "--num-images", "1", *args])
-    assert rc == 1 and match in capsys.readouterr().out
+    assert rc == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written for a bad argument
 
 
 def test_missing_checkpoint_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["inspect", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")])
-    assert rc == 1 and "nope.safetensors" in capsys.readouterr().out
+    assert rc == 2 and "nope.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -74,7 +74,7 @@ def test_convert_command_in_process(tmp_path: Path, capsys: pytest.CaptureFixtur
     with torch.no_grad():
         logits = model(torch.from_numpy(fx["inputs_nchw"])).numpy()
     np.testing.assert_allclose(logits, fx["logits"], atol=1e-5, rtol=0)
-    assert main(["convert", str(tmp_path / "missing.npz"), str(tmp_path / "x.safetensors"), "-q"]) == 1
+    assert main(["convert", str(tmp_path / "missing.npz"), str(tmp_path / "x.safetensors"), "-q"]) == 2
     assert "missing.npz: no such file" in capsys.readouterr().err
 
 

@@ -125,10 +125,14 @@ def test_big_vision_layout_gets_a_zero_class_slot(tmp_path: Path, scan: bool) ->
     assert torch.equal(model(x), back(x))
 
 
-def test_named_model_must_match_the_shapes(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError) as e:
-        vitlab.load(params("vit_tiny_p4_32"), model="ViT-B/16")
-    assert "vit_tiny_p4_32.params.npz" in str(e.value) and "heads" in str(e.value)
+def test_a_name_never_overrides_the_shapes_but_a_full_config_must_match_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The file tells everything here (heads included); the name adds nothing, and the differences are reported.
+    shapes = vitlab.load(params("vit_tiny_p4_32"))
+    with caplog.at_level("WARNING"):
+        named = vitlab.load(params("vit_tiny_p4_32"), model="ViT-B/16")
+    assert named.config == shapes.config and (named.config.width, named.config.depth) == (64, 2)
+    assert "differ from ViT-B/16" in caplog.text and "depth=2 (not 12)" in caplog.text and "num_heads=4" in caplog.text
     with pytest.raises(CheckpointError) as e:
         wrong_patch = ViTConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128,
                                 num_classes=10)
@@ -154,6 +158,11 @@ def test_pickle_offered_as_npz_is_refused(tmp_path: Path) -> None:
     (tmp_path / "evil.npz").write_bytes(pickle.dumps({"embedding/kernel": [1, 2, 3]}))
     with pytest.raises(CheckpointError, match=r"evil\.npz.*pickle"):
         vitlab.load(tmp_path / "evil.npz")
+    # Random bytes are not a pickle, and the message says what they are not (numpy's would say "pickled data").
+    (tmp_path / "noise.npz").write_bytes(bytes(range(7, 256)) * 8)
+    with pytest.raises(CheckpointError, match=r"noise\.npz: not an \.npz file") as e:
+        vitlab.load(tmp_path / "noise.npz")
+    assert "pickle" not in str(e.value).split("noise.npz")[1]
     np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
     with pytest.raises(CheckpointError, match=r"objects\.npz"):
         vitlab.load(tmp_path / "objects.npz")

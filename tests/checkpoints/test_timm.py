@@ -101,10 +101,23 @@ def test_in_memory_state_dict_and_named_model() -> None:
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
-    # A name fixes the architecture; the tiny weights do not fit ViT-B/16, and the error lists how.
-    expected = r"(?s)missing keys \(120\).*patch_embed\.proj\.weight: checkpoint \(32, 3, 4, 4\) vs model \(768, 3, 16, 16\)"
-    with pytest.raises(CheckpointError, match=expected):
+    # A name gives the heads (12 for B/16), which a width of 32 cannot be split into: the error says so.
+    with pytest.raises(CheckpointError, match="width=32 must be divisible by num_heads=12"):
         vitlab.load(ref.state_dict(), format="timm", model="ViT-B/16")
+
+
+def test_a_name_gives_the_heads_and_the_shapes_give_depth_width_and_mlp(caplog: pytest.LogCaptureFixture) -> None:
+    """A 2-block ViT-S/16 (a truncated model): the name says 6 heads, which the fused qkv weight cannot tell;
+    depth, width and MLP size come from the weights, and the logits are timm's."""
+    ref = timm_vit(img_size=32, patch_size=16, embed_dim=384, depth=2, num_heads=6, mlp_ratio=4.0)
+    with caplog.at_level("WARNING"):
+        model = vitlab.load(ref.state_dict(), format="timm", model="ViT-S/16")
+    cfg = model.config
+    assert (cfg.depth, cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.image_hw) == (2, 384, 1536, 6, (32, 32))
+    assert "depth=2 (not 12)" in caplog.text  # the one difference from ViT-S/16 is reported
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=0)
 
 
 def test_heads_are_never_guessed(tmp_path: Path) -> None:
@@ -130,8 +143,14 @@ def test_features_outside_the_paper_are_refused(kwargs: dict, words: str) -> Non
 
 def test_pickle_offered_as_weights_is_refused(tmp_path: Path) -> None:
     torch.save({"weights": Path("not-a-tensor")}, tmp_path / "evil.pth")  # needs a full unpickler to read
-    with pytest.raises(CheckpointError, match=r"evil\.pth.*weights_only"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth.*weights-only.*PosixPath") as e:
         vitlab.load(tmp_path / "evil.pth", format="timm", model="ViT-B/16")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(7, 256)) * 8)
+    with pytest.raises(CheckpointError, match=r"noise\.pt: not a torch\.save file") as noise:
+        vitlab.load(tmp_path / "noise.pt", format="timm", model="ViT-B/16")
+    # torch's own message suggests retrying with weights_only=False (running the file's code): never passed on.
+    for error in (e.value, noise.value):
+        assert "weights_only=False" not in str(error) and "Re-running" not in str(error)
 
 
 def test_truncated_torch_file_is_refused(tmp_path: Path) -> None:

@@ -29,16 +29,23 @@ def trained(tmp_path_factory):
     return data, root / "run"
 
 
-def test_eval_json_and_confusion_png(trained, capsys):
+def test_eval_json_and_confusion_png(trained, tmp_path, capsys):
     data, run = trained
     capsys.readouterr()
-    assert main(["eval", str(run / "model.safetensors"), "--data", str(data), "--json"]) == 0
+    before = sorted(p.name for p in run.iterdir())
+    out = tmp_path / "eval"
+    assert main(["eval", str(run / "model.safetensors"), "--data", str(data), "--json", "--precision", "fp32",
+                 "--out", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
     direct = evaluate(vitlab.load(run / "model.safetensors"), data / "val", precision="fp32")
     assert result["top1"] == direct["top1"] and result["n"] == 12
     assert sum(map(sum, result["confusion"])) == 12
-    png = run / "confusion.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "eval.json").read_text())["top1"] == result["top1"]
+    # Without --out nothing is written, and never beside the checkpoint it only reads.
+    assert main(["eval", str(run / "model.safetensors"), "--data", str(data), "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out.startswith(f"{run / 'model.safetensors'} on {data / 'val'}: top-1")
+    assert sorted(p.name for p in run.iterdir()) == before
 
 
 def test_predict_matches_the_model(trained, capsys):

@@ -41,8 +41,9 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(data, tmp_path):
 
 
 def test_patience_stops_a_run_that_does_not_improve(data, tmp_path):
-    # lr 0: every evaluation equals the first, so none improves on it; patience 2 stops at the third (step 18).
-    cfg = load_config(None, tiny_overrides(epochs=5, lr=0.0, eval_every=1, patience=2))
+    # Label smoothing 1 makes the target uniform, which the zero-initialised head already predicts: every gradient
+    # is zero, so every evaluation equals the first and none improves on it; patience 2 stops at the third (step 18).
+    cfg = load_config(None, tiny_overrides(epochs=5, lr=0.003, label_smoothing=1.0, eval_every=1, patience=2))
     result = train(cfg, data, tmp_path / "run")
     assert result["step"] == 18 and result["stopped_early"]
     assert result["best"]["step"] == 6 and result["best"]["since"] == 2

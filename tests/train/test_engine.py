@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -14,7 +13,9 @@ from tests.train.tiny import make_folder, tiny_overrides
 from vitlab.data.images import BadImageError
 from vitlab.train import NonFiniteLossError, evaluate, load_config, train
 from vitlab.train import engine
-from vitlab.train.engine import EMA, _budget_steps, param_groups, train_step
+from vitlab.train import data as run_data
+from vitlab.train.clock import RunClock
+from vitlab.train.engine import EMA, param_groups, train_step
 
 
 @pytest.fixture
@@ -279,13 +280,14 @@ def test_progressive_resizing_through_several_resolutions(data, tmp_path, monkey
 def test_budget_estimate_scales_the_step_rate_by_each_stages_tokens():
     """Hand computation: 10 steps/s measured at 16 px over a 100 s budget, 20 s elapsed; 16 px until 40 s, 24 px
     until 80 s, 32 px to the end. Steps still to come: 10*20 + 10*40*(16/24)^2 + 10*20*(16/32)^2 = 427.8."""
-    cfg = load_config(None, ["image_size=32", "low_res_size=[16,24]", "low_res_fraction=[0.4,0.8]"])
-    now = time.perf_counter()
-    total = _budget_steps(cfg.resolution_stages(), 200, (0, now - 20.0), 20.0, 100.0, 16)
+    budget = ["budget_minutes=" + str(100 / 60), "image_size=32"]
+    cfg = load_config(None, budget + ["low_res_size=[16,24]", "low_res_fraction=[0.4,0.8]"])
+    clock = RunClock(cfg, total_steps=10**6)  # the step rate is measured from (step 0, 0 s)
+    total = clock.budget_steps(200, 20.0, 16)
     assert total == pytest.approx(200 + 200 + 400 * (16 / 24) ** 2 + 200 * 0.25, abs=1.0)
     # One low-resolution stage: the formula of the two-phase schedule (low_left + rest * token ratio).
-    cfg = load_config(None, ["image_size=32", "low_res_size=24", "low_res_fraction=0.8"])
-    total = _budget_steps(cfg.resolution_stages(), 200, (0, now - 20.0), 20.0, 100.0, 24)
+    cfg = load_config(None, budget + ["low_res_size=24", "low_res_fraction=0.8"])
+    total = RunClock(cfg, total_steps=10**6).budget_steps(200, 20.0, 24)
     assert total == pytest.approx(200 + 10 * (60 + 20 * (24 / 32) ** 2), abs=1.0)
 
 
@@ -322,7 +324,7 @@ def test_prefetched_batches_train_exactly_like_inline_ones(data, tmp_path, monke
     taken from the thread's busy time."""
     cfg = load_config(None, tiny_overrides(steps=14, mixup=1.0, randaugment_n=1))  # 6 steps per epoch
     inline = train(cfg, data, tmp_path / "inline")
-    monkeypatch.setattr(engine, "_prefetches", lambda device: True)
+    monkeypatch.setattr(run_data, "prefetches", lambda device: True)
     prefetched = train(cfg, data, tmp_path / "prefetched")
     assert inline["step"] == prefetched["step"] == 14
     a = vitlab.load(tmp_path / "inline" / "model.safetensors").state_dict()

@@ -113,3 +113,52 @@ def test_two_processes_equal_one(tmp_path, strategy):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
     assert two["top1"] == single["top1"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_at_the_stop_and_resumes_bit_exactly(tmp_path):
+    """SIGINT (Ctrl-C) is handled as SIGTERM: one line, a checkpoint at the step it stopped, exit code 0, no
+    traceback; --resume then ends with the weights of an uninterrupted run."""
+    data = make_folder(tmp_path / "data")
+    sets = tiny_overrides(epochs=8, checkpoint_every=100, **{"model_overrides.drop_path": 0.1})
+    reference = train(load_config("demo", sets), data, tmp_path / "ref")
+    run = tmp_path / "run"
+    proc = _start_and_signal(_cli(data, run, sets), run, at_step=15, sig=signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.returncode == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert 15 <= state["step"] < 48 and state["step"] == _last_step(run)  # checkpointed at the stop, not at 100
+    assert f"stopped by SIGINT at step {state['step']}; checkpoint saved" in err
+    assert not (run / "model.safetensors").exists()
+    done = subprocess.run(_cli(data, run, sets, "--resume", "--json"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == reference["step"] == 48
+    a, b = _weights(tmp_path / "ref" / "model.safetensors"), _weights(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_running_training_owns_its_folder_until_it_dies(tmp_path):
+    """A second run into a folder being trained exits with one line naming the first (its pid); killing the
+    first (SIGKILL: no cleanup runs) frees the folder at once, and --resume continues it."""
+    data = make_folder(tmp_path / "data")
+    sets = tiny_overrides(epochs=200, checkpoint_every=5)
+    run = tmp_path / "run"
+    first = subprocess.Popen(_cli(data, run, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while _last_step(run) < 6:
+            assert first.poll() is None and time.time() < deadline, "the first run did not get going"
+            time.sleep(0.01)
+        second = subprocess.run(_cli(data, run, sets), capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"in use by another training run (pid {first.pid} on " in lines[0], lines
+        config = (run / "config.json").read_text()
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert (run / "config.json").read_text() == config  # the refused run changed nothing
+    resumed = subprocess.run(_cli(data, run, tiny_overrides(epochs=200, checkpoint_every=5, steps=12), "--resume"),
+                             capture_output=True, text=True, timeout=60)
+    assert resumed.returncode == 2 and "different config: steps" in resumed.stderr  # the lock was free

@@ -8,13 +8,14 @@ global backend state is touched.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from vitlab.io import atomic_write
 
 DPI = 100
 IMAGE_DPI = 80  # figures made of photographs compress badly; a lower resolution keeps each PNG well under 300 KB
@@ -31,23 +32,21 @@ def _figure(width: float, height: float, dpi: int = DPI) -> Any:
 def _save(fig: Any, path: str | Path, palette: bool = False) -> Path:
     """Write ``fig`` as PNG atomically; ``palette=True`` quantises to 256 colours (photo figures shrink ~3x with
     no visible change at this resolution)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if palette:
-        import io
+    def write(tmp: Path) -> None:
+        if palette:
+            import io
 
-        from PIL import Image
+            from PIL import Image
 
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=fig.dpi)
-        buf.seek(0)
-        with Image.open(buf) as img:
-            img.convert("RGB").quantize(colors=256).save(tmp, format="PNG", optimize=True)
-    else:
-        fig.savefig(tmp, format="png", dpi=fig.dpi)
-    os.replace(tmp, path)
-    return path
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=fig.dpi)
+            buf.seek(0)
+            with Image.open(buf) as img:
+                img.convert("RGB").quantize(colors=256).save(tmp, format="PNG", optimize=True)
+        else:
+            fig.savefig(tmp, format="png", dpi=fig.dpi)
+
+    return atomic_write(path, write)
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,7 @@ images. Every output file is written atomically.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,20 +21,11 @@ from vitlab.analysis.distance import attention_distance, model_patch_hw
 from vitlab.analysis.filters import embedding_filters
 from vitlab.analysis.posembed import pos_embed_similarity, pos_embed_topology
 from vitlab.analysis.rollout import query_attention, rollout_maps
+from vitlab.io import write_json
 
 log = logging.getLogger(__name__)
 
 QUERY_ROWS = 4  # images in the raw-attention figure (one column per layer makes it wide already)
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` as indented JSON through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def resolve_query(model: nn.Module, query: str | tuple[int, int] | None) -> tuple[int, tuple[int, int] | None, str]:
@@ -131,7 +120,7 @@ def inspect_model(
         plots.plot_filters(pca.components, pca.explained_variance, _record(written, out / "filters.png"))
         filt = {"k": int(pca.components.shape[0]), "explained_variance": _rounded(pca.explained_variance, 6),
                 "cumulative": round(float(pca.explained_variance.sum()), 6)}
-        write_json(filt, _record(written, out / "filters.json"))
+        write_json(_record(written, out / "filters.json"), filt)
         summary["filters"] = filt
     else:
         summary["skipped"]["filters"] = "hybrid model: the patch embedding acts on ResNet features, not RGB pixels"
@@ -140,7 +129,7 @@ def inspect_model(
         topo = pos_embed_topology(model, sim)
         plots.plot_pos_embed_similarity(sim, _record(written, out / "pos_embed.png"), topo["spearman"])
         pos = {"pos_embed": cfg.pos_embed, "grid": list(grid), **topo}
-        write_json(pos, _record(written, out / "pos_embed.json"))
+        write_json(_record(written, out / "pos_embed.json"), pos)
         summary["pos_embed"] = pos
     else:
         summary["skipped"]["pos_embed"] = "the model has no position embedding"
@@ -175,7 +164,7 @@ def inspect_model(
         "per_layer_max": _rounded(dist.amax(dim=1), 3),
         "uniform_attention_px": round(uniform, 3),
     }
-    write_json(dist_json, _record(written, out / "attention_distance.json"))
+    write_json(_record(written, out / "attention_distance.json"), dist_json)
     summary["attention_distance"] = dist_json
 
     predictions = _predictions(model, images[show])
@@ -189,7 +178,7 @@ def inspect_model(
                     **({} if predictions is None else {"prediction": predictions[j]}),
                     "map": _rounded(roll[i])} for j, i in enumerate(show)],
     }
-    write_json(roll_json, _record(written, out / "rollout.json"))
+    write_json(_record(written, out / "rollout.json"), roll_json)
     summary["rollout"] = {"row": roll_json["row"], "shown": num_show}
 
     head_label = "mean of heads" if head is None else f"head {head + 1}"
@@ -197,12 +186,12 @@ def inspect_model(
                                q_label, q_rc, head_label, patch_hw)
     q_json = {"query": q_label, "query_token": q_index, "head": head_label, "layers": [i + 1 for i in layers],
               "images": [{"file": names[i], "maps": _rounded(qmaps[j], 4)} for j, i in enumerate(query_rows)]}
-    write_json(q_json, _record(written, out / "query_attention.json"))
+    write_json(_record(written, out / "query_attention.json"), q_json)
     summary["query_attention"] = {k_: q_json[k_] for k_ in ("query", "head", "layers")}
 
     summary["seconds"] = round(time.perf_counter() - start, 2)
     summary["files"] = sorted(written)
-    write_json(summary, out / "summary.json")
+    write_json(out / "summary.json", summary)
     log.info("inspect: wrote %d files to %s in %.1f s", len(summary["files"]) + 1, out, summary["seconds"])
     return summary
 

@@ -70,8 +70,9 @@ def load(source: str | os.PathLike | Mapping[str, torch.Tensor], *, format: Form
     """Load a model from a checkpoint of any supported format, strictly.
 
     ``source``: a file, a directory (HF / timm hub layout), ``"hf-hub:<repo>"``, or (with ``format="timm"``)
-    an in-memory state dict. ``model`` says what the shapes cannot: a name like ``"ViT-B/16"`` (the
-    architecture; the file's shapes still decide classes, grid, classifier and pre-logits), a dict of config
+    an in-memory state dict. ``model`` says what the shapes cannot: a name like ``"ViT-B/16"`` (it gives what the
+    file cannot tell, such as the heads sharing a fused qkv weight; depth, width, MLP size, classes, grid,
+    classifier and pre-logits come from the file, so a 2-block ViT-S/16 loads with 2 blocks), a dict of config
     fields on top of the shapes (``{"num_heads": 12}``), or a full :class:`ViTConfig` taken as it is. Each
     format brings its numerics (official: tanh GELU, eps 1e-6; timm/HF: exact GELU, their epsilons).
     The returned model is in eval mode and has ``model.labels`` (class names or None).

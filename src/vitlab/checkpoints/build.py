@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +20,8 @@ from torch import nn
 from vitlab.checkpoints.strict import CheckpointError, load_state_dict_strict
 from vitlab.model.config import ViTConfig
 from vitlab.model.vit import VisionTransformer, sincos_2d
+
+logger = logging.getLogger(__name__)
 
 
 def qualified_name(cls: type) -> str:
@@ -61,31 +64,32 @@ def model_from_state_dict(config: Any, state_dict: Mapping[str, torch.Tensor], s
     return model.eval()
 
 
-# Fields a file's shapes decide even when the caller names the architecture (``model="ViT-B/16"``).
-FILE_FIELDS = ("num_classes", "classifier", "representation_size", "image_size", "pos_embed", "qkv_bias",
-               "in_channels")
-
-
 def resolve_config(spec: "str | ViTConfig | dict[str, Any] | None", derived: dict[str, Any],
                    unknown: dict[str, str], numerics: dict[str, Any], source: str | os.PathLike,
                    resnet_numerics: dict[str, Any] | None = None) -> ViTConfig:
     """The config of a foreign checkpoint from what its shapes say and what the caller says.
 
-    ``derived``: fields read from shapes; ``unknown``: fields the shapes cannot tell, with the reason;
-    ``numerics``: the format's own numerics (GELU form, epsilons). ``spec`` is None (shapes alone), a name
-    like ``"ViT-B/16"`` (the architecture; the file decides :data:`FILE_FIELDS`), a dict of field overrides on
-    top of the shapes, or a full :class:`ViTConfig` taken as it is. A field nobody can tell raises an error.
+    ``derived``: fields read from the file (its shapes, or its own config); ``unknown``: fields the file cannot
+    tell, with the reason; ``numerics``: the format's own numerics (GELU form, epsilons). ``spec`` is None (the
+    file alone), a name like ``"ViT-B/16"`` (it supplies what the file cannot tell, such as the number of heads of
+    a fused qkv weight; everything the file tells wins, so a 2-block ViT-S/16 loads with 2 blocks), a dict of
+    field overrides on top of the file, or a full :class:`ViTConfig` taken as it is. A field nobody can tell
+    raises an error.
     """
     from vitlab.model.config import config_from_name
 
     if isinstance(spec, ViTConfig):
         return spec
     if isinstance(spec, str):
-        fields = {k: derived[k] for k in FILE_FIELDS if k in derived}
         try:
-            config = config_from_name(spec, **fields, **numerics)
+            named = config_from_name(spec)
+            config = config_from_name(spec, **derived, **numerics)
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from None
+        differ = [f"{k}={derived[k]!r} (not {getattr(named, k)!r})" for k in ("width", "depth", "mlp_dim", "num_heads",
+                  "patch_size") if k in derived and hasattr(named, k) and derived[k] != getattr(named, k)]
+        if differ:
+            logger.warning("%s: the file's shapes differ from %s and are kept: %s", source, spec, ", ".join(differ))
     else:
         overrides = dict(spec or {})
         missing = {k: why for k, why in unknown.items() if k not in overrides}

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from vitlab.checkpoints.build import model_from_state_dict, resolve_config
-from vitlab.checkpoints.io import atomic_write, read_weights
+from vitlab.checkpoints.io import read_weights
 from vitlab.checkpoints.strict import CheckpointError
+from vitlab.io import atomic_write
 from vitlab.model.config import ViTConfig
 from vitlab.model.vit import VisionTransformer
 

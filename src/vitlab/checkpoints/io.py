@@ -1,5 +1,5 @@
 """File plumbing shared by the formats: safe reads that turn library errors into one clear message naming the
-file, and atomic writes (temp file + rename) so a failed save never destroys an existing checkpoint."""
+file. (Writes go through :func:`vitlab.io.atomic_write`, so a failed save never destroys an existing checkpoint.)"""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import contextlib
 import contextvars
 import json
 import os
+import re
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +57,6 @@ def _not_safetensors(path: Path, head: bytes, why: str) -> CheckpointError:
         return CheckpointError(f"{path}: is a pickle / torch.save archive, not safetensors; vitlab never unpickles "
                                f"weights it was told are safetensors (use format='timm' for a .pth state dict)")
     return CheckpointError(f"{path}: not a valid safetensors file ({why})")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary path in the destination folder, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _require_file(path: str | os.PathLike) -> Path:
@@ -124,23 +110,46 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from None
 
 
+def _torch_load_reason(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in our words: torch's own message suggests retrying
+    with ``weights_only=False``, which would run whatever code the file holds."""
+    text = str(error)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", text, re.S)
+    if unpickler:
+        detail = " ".join(unpickler.group(1).split())
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+        if found:
+            return f"it holds a {found.group(1)} object, which only a full unpickler (running code) can build"
+        return f"its pickle is not one of tensors and containers ({detail.split('. ')[0].rstrip('.')})"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "a damaged or truncated torch.save archive"
+    return f"{type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else 'unreadable'}"
+
+
 def read_torch_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A ``.pth``/``.bin`` state dict through ``torch.load(weights_only=True)``, which refuses arbitrary objects."""
     import pickle
 
     path = _require_file(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; before torch 1.6 it wrote a pickle stream (PROTO opcode first).
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a torch.save file (neither a zip archive nor a pickle stream); "
+                              f"damaged, or another format")
     try:
-        try:
-            # Memory-mapped: the tensors are read from the page cache as they are used, not copied up front.
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) torch format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle protocols of refused files
+            try:
+                # Memory-mapped: the tensors are read from the page cache as they are used, not copied up front.
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) torch format
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch file ({first}); vitlab never runs "
-                              f"torch.load with weights_only=False") from None
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch file ({_torch_load_reason(e)}); vitlab "
+                              f"never unpickles anything but tensors and containers") from None
     # Training checkpoints commonly nest the weights under one of these keys.
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from vitlab.checkpoints.build import model_from_state_dict, qualified_name, resolve_class
-from vitlab.checkpoints.io import atomic_write, read_safetensors, safetensors_metadata
+from vitlab.checkpoints.io import read_safetensors, safetensors_metadata
 from vitlab.checkpoints.strict import CheckpointError
+from vitlab.io import atomic_write
 
 FORMAT = "vitlab"
 FORMAT_VERSION = "1"

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from vitlab.checkpoints.build import count_stage_units, model_from_state_dict, resolve_config
-from vitlab.checkpoints.io import atomic_write, report_read
+from vitlab.checkpoints.io import report_read
 from vitlab.checkpoints.strict import CheckpointError
+from vitlab.io import atomic_write
 from vitlab.model.config import ResNetConfig, ViTConfig
 from vitlab.model.vit import VisionTransformer
 
@@ -166,12 +167,17 @@ class OfficialParams(Mapping[str, np.ndarray]):
 def _open_npz(path: Path):  # -> np.lib.npyio.NpzFile
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    # numpy reads a zip archive (.npz) or an .npy header; anything else it would take for a pickle.
+    if head[:1] == b"\x80":
+        raise CheckpointError(f"{path}: holds pickled data, not an .npz of arrays; vitlab never unpickles "
+                              f"checkpoints")
+    if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":
+        raise CheckpointError(f"{path}: not an .npz file (no zip archive header); damaged, or another format")
     try:
         npz = np.load(path, allow_pickle=False)
     except ValueError as e:
-        if "pickle" in str(e):
-            raise CheckpointError(f"{path}: holds pickled data, not an .npz of arrays; vitlab never unpickles "
-                                  f"checkpoints") from None
         raise CheckpointError(f"{path}: not a readable .npz file ({e})") from None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: not a readable .npz file, truncated or damaged ({e})") from None

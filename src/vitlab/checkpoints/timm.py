@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from vitlab.checkpoints.build import count_stage_units, model_from_state_dict, resolve_config
-from vitlab.checkpoints.io import atomic_write, read_weights
+from vitlab.checkpoints.io import read_weights
 from vitlab.checkpoints.strict import CheckpointError
+from vitlab.io import atomic_write
 from vitlab.model.config import ViTConfig
 from vitlab.model.vit import VisionTransformer
 
@@ -95,10 +96,11 @@ def derive_config(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[
         depth += 1
     fields: dict[str, Any] = dict(
         width=width, depth=depth, in_channels=cin, patch_size=kh if kh == kw else (kh, kw),
-        mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else None,
         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
         classifier="token" if "cls_token" in sd else "gap", qkv_bias="blocks.0.attn.qkv.bias" in sd,
     )
+    if "blocks.0.mlp.fc1.weight" in sd:
+        fields["mlp_dim"] = sd["blocks.0.mlp.fc1.weight"].shape[0]
     unknown = {"num_heads": "a fused qkv weight does not tell how many heads share it"}
     stride = 1
     if BACKBONE + "stem.conv.weight" in sd:

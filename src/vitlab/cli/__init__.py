@@ -1,7 +1,9 @@
 """The ``vitlab`` command line: a thin layer over library functions.
 
 Every module in this package that defines ``add_parser(subparsers)`` contributes one subcommand; each parser sets
-``func`` to a callable taking the parsed arguments and returning an exit code.
+``func`` to a callable taking the parsed arguments and returning an exit code. A user error (a bad argument, a
+missing or unwritable file) is one line on stderr and exit code 2 (:class:`vitlab.cli.common.UsageError`); a bug
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib
 import logging
 import pkgutil
 import sys
+
+from vitlab.cli.common import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"vitlab {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops at a checkpoint instead)
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

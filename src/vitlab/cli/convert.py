@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+
+from vitlab.cli.common import UsageError, output_dir, output_file
 
 FORMATS = ("vitlab", "npz", "timm", "hf")
 
@@ -19,24 +20,22 @@ def run(args: argparse.Namespace) -> int:
         try:
             model = json.loads(args.model_json)
         except json.JSONDecodeError as e:
-            print(f"vitlab convert: error: --model-json is not valid JSON ({e})", file=sys.stderr)
-            return 2
+            raise UsageError(f"--model-json is not valid JSON ({e})") from None
         if not isinstance(model, dict):
-            print("vitlab convert: error: --model-json must be a JSON object of config fields", file=sys.stderr)
-            return 2
+            raise UsageError("--model-json must be a JSON object of config fields")
     image_size = None
     if args.image_size and len(args.image_size) > 2:
-        print(f"vitlab convert: error: --image-size takes N or H W, got {args.image_size}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--image-size takes N or H W, got {args.image_size}")
     if args.image_size:
         image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    # The destination is a folder for Hugging Face, a file otherwise: checked before the (long) read.
+    (output_dir if args.to_format == "hf" else output_file)(args.dst, "destination")
     try:
         out = convert(args.src, args.dst, src_format=args.from_format, dst_format=args.to_format, model=model,
                       image_size=image_size, num_classes=args.num_classes, progress=not args.quiet)
     except (CheckpointError, ValueError) as e:
         logging.getLogger("vitlab").debug("conversion failed", exc_info=True)
-        print(f"vitlab convert: error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError(str(e)) from None
     print(f"wrote {out} ({args.to_format})")
     return 0
 

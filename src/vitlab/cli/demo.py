@@ -4,22 +4,35 @@ checkpoint, evaluate it on the sample's test images and print the accuracy (the 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+
+from vitlab.cli.common import UsageError
 
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.data import sample_root
-    from vitlab.train import evaluate, load_config, train
+    from vitlab.train import RunFolderBusy, evaluate, load_config, train
     from vitlab.train.inference import load_for_inference
 
-    config = load_config("demo", args.set or [])
+    try:
+        config = load_config("demo", args.set or [])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     data = sample_root()
     print(f"training {config.model} {config.model_overrides} on {data} for at most "
           f"{config.budget_minutes} minutes -> {out}", flush=True)
     start = time.perf_counter()
-    result = train(config, data, out)
+    try:
+        result = train(config, data, out)
+    except (ValueError, FileNotFoundError, FileExistsError, RunFolderBusy) as e:
+        raise UsageError(str(e)) from None
+    if result.get("interrupted"):
+        print(f"vitlab demo: stopped by {result['signal']} at step {result['step']}; continue with vitlab train "
+              f"--config demo --data {data} --out {out} --resume", file=sys.stderr)
+        return 0
     minutes = (time.perf_counter() - start) / 60
     model, classes = load_for_inference(out / "model.safetensors")
     check = evaluate(model, data / "test", classes=classes, precision=config.precision)

@@ -1,7 +1,8 @@
 """``vitlab inspect``: the paper's analyses (Fig. 6, Fig. 7, Appendix D.7-D.8) of any checkpoint, as PNG + JSON.
 
-Loads the checkpoint through ``vitlab.load`` (any format it reads), resizes the model's position embedding if
-another resolution is asked for, reads and resizes the images, and calls :func:`vitlab.analysis.inspect_model`.
+Loads the checkpoint as every command does (:func:`vitlab.cli.common.load_checkpoint`: any format ``vitlab.load``
+reads, the position embedding resampled if another resolution is asked for), reads and resizes the images, and
+calls :func:`vitlab.analysis.inspect_model`.
 """
 
 from __future__ import annotations
@@ -13,28 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitlab.cli.common import UsageError, add_checkpoint_args, load_checkpoint, output_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_NUM_IMAGES = 128  # the paper averages the attention distance over 128 images
-
-
-def load_model(checkpoint: str, fmt: str | None = None, model_name: str | None = None,
-               image_size: int | None = None) -> nn.Module:
-    """The model of ``checkpoint`` via ``vitlab.load`` (only the options the user gave are passed on), at
-    ``image_size`` if given: the position embedding is resampled when the loaded resolution differs."""
-    import vitlab
-
-    kwargs = {key: value for key, value in (("format", fmt), ("model", model_name)) if value is not None}
-    try:
-        model = vitlab.load(checkpoint, **kwargs)
-    except AttributeError as e:  # the checkpoint loaders are not installed in this build
-        raise RuntimeError(f"cannot load {checkpoint}: vitlab.load is not available ({e})") from e
-    if isinstance(model, tuple):  # a loader may return (model, info)
-        model = model[0]
-    if image_size is not None and tuple(model.config.image_hw) != (image_size, image_size):
-        log.info("resampling the position embedding from %s to %dx%d", model.config.image_hw, image_size, image_size)
-        model.set_image_size(image_size)
-    return model
 
 
 def inspect_checkpoint(model: nn.Module, images: str | Path, out: str | Path, *, num_images: int = DEFAULT_NUM_IMAGES,
@@ -61,27 +45,27 @@ def inspect_checkpoint(model: nn.Module, images: str | Path, out: str | Path, *,
 def run(args: argparse.Namespace) -> int:
     from vitlab.data import sample_root
 
+    if args.num_images < 1:
+        raise UsageError("--num-images must be at least 1")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    out = output_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     images = Path(args.images) if args.images else sample_root() / "test"
-    if args.num_images < 1:
-        raise SystemExit("vitlab inspect: --num-images must be at least 1")
-    if args.batch_size < 1:
-        raise SystemExit("vitlab inspect: --batch-size must be at least 1")
+    model, _ = load_checkpoint(args)  # at --image-size, the position embedding resampled
     try:
-        model = load_model(args.checkpoint, args.format, args.model, args.image_size)
         layers = None if not args.layer else [layer - 1 for layer in args.layer]
         head = None if args.head is None else args.head - 1
         summary = inspect_checkpoint(
-            model, images, args.out, num_images=args.num_images, normalize=args.normalize, layers=layers,
+            model, images, out, num_images=args.num_images, normalize=args.normalize, layers=layers,
             head=head, query=args.query, k=args.k, batch_size=args.batch_size, num_show=args.num_show,
             checkpoint=args.checkpoint, meta={"checkpoint": str(args.checkpoint)},
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"vitlab inspect: error: {e}")
-        return 1
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
     dist = summary["attention_distance"]["per_layer_mean"]
-    print(f"wrote {len(summary['files']) + 1} files to {args.out} ({summary['images']} images, "
+    print(f"wrote {len(summary['files']) + 1} files to {out} ({summary['images']} images, "
           f"{summary['seconds']:.1f} s)")
     if "pos_embed" in summary:
         print(f"position embedding: Spearman(similarity, grid distance) = {summary['pos_embed']['spearman']:.3f}")
@@ -93,17 +77,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect", help="the paper's analyses (filters, position embedding, attention distance, rollout) as PNG+JSON",
         description="Write the paper's Fig. 6/7 analyses of CHECKPOINT as PNG figures and JSON numbers.")
-    p.add_argument("checkpoint", help="checkpoint file, directory or hub id (anything vitlab.load reads)")
+    add_checkpoint_args(p, image_size="analyse at this resolution; the position embedding is resampled if it "
+                                      "differs")
     p.add_argument("--out", required=True, help="output folder for the PNG and JSON files")
     p.add_argument("--images", default=None,
                    help="image file or folder (searched recursively); default: the bundled CIFAR-10 sample's test set")
     p.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
                    help=f"use at most this many images, spread over the sorted files (default {DEFAULT_NUM_IMAGES})")
-    p.add_argument("--format", default=None, help="checkpoint format passed to vitlab.load (vitlab, npz, timm, hf)")
-    p.add_argument("--model", default=None, help="model name passed to vitlab.load where the file cannot tell it, "
-                                                 "e.g. ViT-B/16")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="analyse at this resolution; the position embedding is resampled if it differs")
     p.add_argument("--normalize", default="auto", choices=["auto", "official", "imagenet", "none"],
                    help="input scaling: auto = what the checkpoint records (HF preprocessor_config.json, the "
                         "training run's config.json), else official [-1, 1]; none = [0, 1] (default auto)")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vitlab.cli.common import output_file
+
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.train.plot import plot_run
 
+    if args.out:
+        output_file(args.out)
     try:
         path = plot_run(args.run_dir, args.out)
     except (FileNotFoundError, ValueError) as e:

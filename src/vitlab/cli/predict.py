@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from vitlab.cli.common import UsageError, add_checkpoint_args, load_checkpoint
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.train.inference import load_for_inference, predict
+    from vitlab.train.inference import expand_images, predict
 
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     try:
-        model, classes = load_for_inference(args.checkpoint, format=args.format)
-        results = predict(model, args.images, classes=classes, top_k=args.top_k, normalize=args.normalize)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"vitlab predict: {e}", file=sys.stderr)
-        return 2
+        images = expand_images(args.images)  # before loading: a wrong path is the quicker error
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    model, classes = load_checkpoint(args)
+    results = predict(model, images, classes=classes, top_k=args.top_k, normalize=args.normalize)
     if args.json:
         print(json.dumps(results))
     else:
@@ -31,9 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="top-k labels of image files or folders")
-    p.add_argument("checkpoint", help="checkpoint file (any format vitlab.load reads) or hf-hub:REPO")
+    add_checkpoint_args(p, image_size="predict at this resolution (the position embedding is resampled)")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--format", help="checkpoint format when the file does not say it")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--normalize", default="official", choices=["official", "imagenet", "none"])
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.data.images import BadImageError
-    from vitlab.train import NonFiniteLossError, load_config, train
+    from vitlab.train import NonFiniteLossError, RunFolderBusy, load_config, train
 
     overrides = list(args.set or [])
     if args.strict:
@@ -24,23 +24,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"vitlab train: {e}", file=sys.stderr)
         return 2
     try:
-        result = train(config, args.data, args.out, resume=args.resume)
+        result = train(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as e:
         print(f"vitlab train: {e}", file=sys.stderr)
         return 1
     except BadImageError as e:
         print(f"vitlab train: unreadable image {e.path}: {e.reason}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RunFolderBusy) as e:
         print(f"vitlab train: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the loop, whose own handler stops at a checkpoint
+        print(f"vitlab train: interrupted outside the training loop; {args.out} keeps its last checkpoint, if any",
+              file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 reports
     if result.get("interrupted"):
-        print(f"stopped by signal at step {result['step']}; resume with --resume (checkpoint in {args.out})")
+        print(f"vitlab train: stopped by {result.get('signal', 'a signal')} at step {result['step']}; checkpoint "
+              f"saved in {args.out}; continue with --resume", file=sys.stderr)
         return 0
     if args.json:
         print(json.dumps(result))
+    elif result.get("already_finished"):
+        print(f"vitlab train: {args.out} is a finished run ({result['step']} steps); nothing to resume, no file "
+              f"changed", file=sys.stderr)
     elif "top1" in result:
         print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['n']} images, "
               f"{result['train_img_per_s']:.0f} train img/s)  weights: {result.get('weights')}")
@@ -56,7 +64,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (or test/)")
     p.add_argument("--out", required=True, help="run directory (checkpoint, logs, final weights)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start a new run in an --out that holds another run's checkpoint or weights")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     p.set_defaults(func=run)

@@ -2,6 +2,11 @@
 
 ``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*`` (or ``test/``). Unreadable files never crash a run: they come
 back as :class:`BadSample` markers that the collate function drops and reports, or raise under ``strict``.
+
+Links are resolved so that every real file counts once: a class folder may be a link (that is how study subsets
+share images), and so may an image file, but a link to a folder inside a class folder is not followed (a link back
+to an ancestor would repeat the class's images without end, a link elsewhere would pull in files from outside the
+dataset); each such link is skipped with one warning naming it.
 The in-memory mode decodes a small dataset once into one uint8 tensor (N, 3, S, S) so that augmentation runs on
 whole batches (see :class:`vitlab.data.transforms.BatchAugment`).
 """
@@ -9,6 +14,7 @@ whole batches (see :class:`vitlab.data.transforms.BatchAugment`).
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +22,6 @@ from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.transforms import v2
 
 from vitlab.data.images import IMG_EXTENSIONS, BadImageError, load_rgb
@@ -48,23 +53,109 @@ def split_dirs(data_dir: str | Path) -> tuple[Path, Path | None]:
     return train, None
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """The same folder is scanned several times in a run (size estimate, training, evaluation): warn once."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def image_files(directory: str | Path, *, seen: set[str] | None = None, root: str | Path | None = None) -> list[str]:
+    """The image-extension files under ``directory``, recursively, in torchvision ImageFolder's order (folders
+    sorted by path, files by name), each real file once.
+
+    ``directory`` itself may be a link; below it, links to folders are skipped with one warning each (see the
+    module docstring), and file links are resolved. ``seen``: the real paths already taken (shared across the
+    class folders of one split, so a file linked into two classes counts once, in the first); ``root``: the
+    dataset folder ``directory`` belongs to (default: ``directory``), for the warnings.
+    """
+    seen = set() if seen is None else seen
+    top = str(directory)
+    root = str(root if root is not None else directory)
+    real_root = os.path.realpath(root)
+    per_dir: list[tuple[str, list[str]]] = []
+    pending = [top]
+    while pending:
+        current = pending.pop()
+        real_current = os.path.realpath(current)
+        names: list[str] = []
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_symlink() and entry.is_dir():
+                    target = os.path.realpath(entry.path)
+                    if _within(real_current, target):
+                        why = f"a loop: it points back to {target}"
+                    elif _within(target, real_root):
+                        why = f"its images are read where it points, {target}"
+                    else:
+                        why = f"it points out of {root}, to {target}"
+                    _warn_once(f"{entry.path}: skipped a link to a folder ({why})")
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    names.append(entry.name)
+        per_dir.append((current, names))
+    files: list[str] = []
+    duplicates: list[str] = []
+    for current, names in sorted(per_dir):
+        real_current = os.path.realpath(current)
+        for name in sorted(names):
+            path = os.path.join(current, name)
+            real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_current, name)
+            if real in seen:
+                duplicates.append(path)
+                continue
+            seen.add(real)
+            files.append(path)
+    if duplicates:
+        _warn_once(f"{top}: skipped {len(duplicates)} link(s) to image files already counted (first: "
+                   f"{duplicates[0]})")
+    return files
+
+
+def find_classes(root: str | Path) -> list[str]:
+    """The sorted class folder names of ``root`` (folders or links to folders)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    return classes
+
+
 def scan(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) pairs of every image-extension file under ``root/<class>/`` and the sorted class names.
 
     ``classes``: use this class list (e.g. the training set's) so labels agree across splits.
     """
     root = Path(root)
-    found, _ = find_classes(str(root))
+    found = find_classes(root)
     if classes is None:
         classes = found
     elif set(found) - set(classes):
         raise ValueError(f"{root}: classes {sorted(set(found) - set(classes))} are not in the training classes")
     class_to_idx = {c: i for i, c in enumerate(classes)}
-    samples = make_dataset(str(root), {c: class_to_idx[c] for c in found}, extensions=IMG_EXTENSIONS,
-                           allow_empty=True)
+    samples: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for name in found:
+        samples += [(path, class_to_idx[name]) for path in image_files(root / name, seen=seen, root=root)]
     if not samples:
         raise FileNotFoundError(f"{root}: no images found (extensions {', '.join(IMG_EXTENSIONS)})")
     return samples, classes
+
+
+def empty_classes(samples: list[tuple[str, int]], classes: list[str]) -> list[str]:
+    """The classes without a single image file among ``samples``."""
+    present = {label for _, label in samples}
+    return [name for i, name in enumerate(classes) if i not in present]
 
 
 class SafeImageFolder(Dataset):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 import time
 from typing import Iterator
@@ -102,6 +103,12 @@ class _EpochBatchSampler(Sampler):
             yield [(int(perm[p]), derive_seed(self.seed, self.epoch_index, p, 3)) for p in pos]
 
 
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches every process of the terminal's group, workers included; the
+    main process decides what it means (the training loop stops at a checkpoint), so a worker must not die of it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class FolderBatches:
     """Batches decoded and augmented per image by DataLoader workers (datasets too big to hold in memory)."""
 
@@ -113,7 +120,7 @@ class FolderBatches:
         self.sampler = _EpochBatchSampler(len(dataset), global_batch, seed, rank, world)
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
                                  collate_fn=collate_skip_bad, persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None)
+                                 prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_sigint)
         self.mix = make_mix(num_classes, mixup, cutmix, mix_prob)
         self.mixing = True
 

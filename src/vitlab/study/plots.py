@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vitlab.io import atomic_write
+
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
     try:
@@ -21,12 +23,7 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def short_label(spec: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from vitlab.train.checkpoint import atomic_write
+from vitlab.io import atomic_write
 from vitlab.train.config import TrainConfig
 
 log = logging.getLogger(__name__)

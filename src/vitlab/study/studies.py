@@ -33,7 +33,7 @@ from vitlab.study.runner import (
     run_cells,
     steps_for_budget,
 )
-from vitlab.train.checkpoint import atomic_write
+from vitlab.io import atomic_write
 from vitlab.train.config import TrainConfig, load_config
 
 log = logging.getLogger(__name__)

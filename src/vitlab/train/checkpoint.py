@@ -1,39 +1,20 @@
 """Resumable training checkpoints, written atomically.
 
 A checkpoint is one ``torch.save`` file holding only tensors, numbers, strings, lists and dicts, so it loads with
-``torch.load(weights_only=True)`` (nothing is unpickled). It is written to a temporary file in the same folder,
-flushed to disk, then renamed over the previous one: a kill at any moment leaves the last good checkpoint intact.
+``torch.load(weights_only=True)`` (nothing is unpickled). It is written with :func:`vitlab.io.atomic_write`
+(temporary file, flushed, renamed over the previous one): a kill at any moment leaves the last good checkpoint
+intact.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path`` (same folder, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from vitlab.io import atomic_write
 
 
 def rng_states() -> dict[str, Any]:

@@ -143,6 +143,8 @@ class TrainConfig:
                              f"({self.accum_steps})")
         if self.epochs <= 0 and not self.steps:
             raise ValueError("epochs must be positive (or set steps)")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be a positive number of evaluations, got {self.patience}")
         if not 0.0 <= self.mix_off_fraction <= 1.0:
@@ -179,6 +181,17 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig key(s) {sorted(unknown)}; allowed: {field_names()}")
         data = {k: tuple(v) if isinstance(v, list) and _is_tuple_field(k) else v for k, v in data.items()}
         return cls(**data)
+
+
+# Config keys that may differ between a run and its resumption: they change speed or logging, not the result.
+RESUMABLE_CHANGES = {"workers", "threads", "tensorboard", "log_every", "checkpoint_every", "eval_batch_size",
+                     "compile", "in_memory", "in_memory_max_mb", "eval_every", "strict"}
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys (outside :data:`RESUMABLE_CHANGES`) whose values differ between a checkpoint's config and now."""
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(current.get(k))]
 
 
 def field_names() -> list[str]:

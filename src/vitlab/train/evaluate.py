@@ -11,7 +11,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from vitlab.data.folder import SafeImageFolder, collate_skip_bad
+from vitlab.data.loaders import ignore_sigint
 from vitlab.data.transforms import eval_transform
+from vitlab.io import atomic_write
 from vitlab.precision import autocast
 
 
@@ -24,7 +26,8 @@ def model_image_size(model: nn.Module, default: int = 224) -> int:
 def folder_eval_loader(root: str | Path, image_size: int, *, normalize: str = "official", batch_size: int = 256,
                        workers: int = 2, classes: list[str] | None = None) -> DataLoader:
     dataset = SafeImageFolder(root, eval_transform(image_size, normalize), classes=classes, max_side=image_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skip_bad)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skip_bad,
+                      worker_init_fn=ignore_sigint)
 
 
 @torch.no_grad()
@@ -117,7 +120,7 @@ def plot_confusion(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"top-1 {result['top1']:.2f}% on {result['n']} images")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

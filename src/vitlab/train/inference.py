@@ -9,28 +9,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitlab.data.folder import image_files
 from vitlab.data.images import IMG_EXTENSIONS, BadImageError, load_rgb
 from vitlab.data.transforms import eval_transform
 from vitlab.train.evaluate import model_image_size
 
 
-def load_for_inference(checkpoint: str | Path, *, format: str | None = None,
+def load_for_inference(checkpoint: str | Path, *, format: str | None = None, model: str | None = None,
                        image_size: int | None = None) -> tuple[nn.Module, list[str] | None]:
-    """``vitlab.load`` the checkpoint (any supported format) in eval mode; class names from the file's labels or a
-    ``classes.json`` beside it (None when neither exists)."""
+    """``vitlab.load`` the checkpoint (any supported format; ``model`` names the architecture where the file
+    cannot) in eval mode, at ``image_size`` when given (the position embedding resampled as the official code
+    does); class names from the file's labels or a ``classes.json`` beside it (None when neither exists)."""
     import vitlab
 
-    kwargs: dict[str, Any] = {}
-    if format:
-        kwargs["format"] = format
-    if image_size:
-        kwargs["image_size"] = image_size
-    model = vitlab.load(checkpoint, **kwargs).eval()
-    classes = getattr(model, "labels", None)
+    kwargs: dict[str, Any] = {k: v for k, v in (("format", format), ("model", model), ("image_size", image_size))
+                              if v is not None}
+    net = vitlab.load(checkpoint, **kwargs).eval()
+    classes = getattr(net, "labels", None)
     sidecar = Path(checkpoint).parent / "classes.json"
     if classes is None and Path(checkpoint).exists() and sidecar.is_file():
         classes = json.loads(sidecar.read_text())
-    return model, classes
+    return net, classes
 
 
 def resolve_eval_dir(data: str | Path) -> Path:
@@ -45,12 +44,16 @@ def resolve_eval_dir(data: str | Path) -> Path:
 
 
 def expand_images(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; folders expanded (recursively, sorted) to their image files."""
+    """Files as given; folders expanded (recursively, sorted, each real file once, see
+    :func:`vitlab.data.folder.image_files`) to their image files. A folder without images is an error."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+            found = image_files(p)
+            if not found:
+                raise FileNotFoundError(f"{p}: no image files (extensions {', '.join(IMG_EXTENSIONS)})")
+            paths += [Path(f) for f in found]
         elif p.is_file():
             paths.append(p)
         else:

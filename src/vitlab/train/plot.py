@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vitlab.io import atomic_write
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
@@ -56,6 +58,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(str(Path(run_dir).name))
     fig.tight_layout()
     path = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
