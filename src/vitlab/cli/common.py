@@ -52,6 +52,15 @@ def add_checkpoint_args(p: argparse.ArgumentParser, *, model: bool = True,
         p.add_argument("--image-size", type=int, default=None, help=image_size)
 
 
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    """``--precision`` (``vitlab.precision``'s vocabulary), the same in every command that runs a model."""
+    from vitlab.precision import PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default): bf16 where the device computes it natively (CUDA, AVX512-BF16/AMX CPUs), "
+                        "else fp32")
+
+
 def load_checkpoint(args: argparse.Namespace) -> tuple[nn.Module, list[str] | None]:
     """The model of ``args.checkpoint`` (with ``--format``, ``--model``, ``--image-size`` where the command has
     them) in eval mode, and its class names; a :class:`UsageError` naming the file when it cannot be read."""

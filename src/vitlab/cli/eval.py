@@ -9,8 +9,7 @@ import json
 import logging
 import sys
 
-from vitlab.cli.common import UsageError, add_checkpoint_args, load_checkpoint, output_dir
-from vitlab.precision import PRECISIONS
+from vitlab.cli.common import UsageError, add_checkpoint_args, add_precision_arg, load_checkpoint, output_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="input scaling (official: [-1, 1])")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto (default): bf16 where the device runs it natively, else fp32")
+    add_precision_arg(p)
     p.add_argument("--out", default=None,
                    help="folder for eval.json and confusion.png (default: nothing written)")
     p.add_argument("--json", action="store_true", help="print one JSON object (top1, top5, loss, per_class, ...)")

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from vitlab.cli.common import UsageError, add_checkpoint_args, load_checkpoint, output_file
+from vitlab.cli.common import UsageError, add_checkpoint_args, add_precision_arg, load_checkpoint, output_file
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
         shots = split_list(args.shots, int)
         l2s = split_list(args.l2, float)
         result = fewshot_evaluate(model, args.data, shots, draws=args.draws, l2s=l2s, seed=args.seed,
-                                  normalize=args.normalize, max_test=args.max_test, progress=sys.stderr.isatty())
+                                  normalize=args.normalize, max_test=args.max_test, precision=args.precision,
+                                  progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     result["checkpoint"] = str(args.checkpoint)
@@ -53,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draws", type=int, default=5, help="random draws of the shots per shot count")
     p.add_argument("--l2", default="1.0", help="regularisation strength(s); the first is the reported one")
     p.add_argument("--seed", type=int, default=0)
+    add_precision_arg(p)
     p.add_argument("--normalize", default="official", choices=["official", "imagenet", "none"],
                    help="pixel normalisation the model was trained with")
     p.add_argument("--max-test", type=int, default=None, help="evaluate on a random sample of this many test images")

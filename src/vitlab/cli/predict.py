@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vitlab.cli.common import UsageError, add_checkpoint_args, load_checkpoint
+from vitlab.cli.common import UsageError, add_checkpoint_args, add_precision_arg, load_checkpoint
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     model, classes = load_checkpoint(args)
-    results = predict(model, images, classes=classes, top_k=args.top_k, normalize=args.normalize)
+    results = predict(model, images, classes=classes, top_k=args.top_k, normalize=args.normalize,
+                      precision=args.precision)
     if args.json:
         print(json.dumps(results))
     else:
@@ -39,4 +40,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--normalize", default="official", choices=["official", "imagenet", "none"])
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_precision_arg(p)
     p.set_defaults(func=run)

@@ -131,7 +131,7 @@ def extract_features(model: nn.Module, paths: list[str], *, image_size: int, nor
 def fewshot_evaluate(model: nn.Module, data_dir: str | Path, shots: list[int], *, draws: int = 5,
                      l2s: list[float] | None = None, seed: int = 0, image_size: int | None = None,
                      normalize: str = "official", batch_size: int = 128, max_test: int | None = None,
-                     progress: bool = False) -> dict[str, Any]:
+                     precision: str = "auto", progress: bool = False) -> dict[str, Any]:
     """Few-shot linear accuracy of a frozen model on an ImageFolder root (``train/`` for the shots, ``val/`` or
     ``test/`` for the evaluation), for each shot count, over ``draws`` random draws.
 
@@ -159,9 +159,9 @@ def fewshot_evaluate(model: nn.Module, data_dir: str | Path, shots: list[int], *
     needed = sorted({i for idx in plan.values() for i in idx})
     where = {i: j for j, i in enumerate(needed)}
     feats = extract_features(model, [train_samples[i][0] for i in needed], image_size=size, normalize=normalize,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, precision=precision, progress=progress)
     test_x = extract_features(model, [p for p, _ in test_samples], image_size=size, normalize=normalize,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, precision=precision, progress=progress)
     test_y = torch.tensor([label for _, label in test_samples])
     results: dict[str, Any] = {}
     for k in shots:

@@ -14,7 +14,7 @@ from vitlab.data.folder import SafeImageFolder, collate_skip_bad
 from vitlab.data.loaders import ignore_sigint
 from vitlab.data.transforms import eval_transform
 from vitlab.io import atomic_write
-from vitlab.precision import autocast
+from vitlab.precision import autocast, resolve
 
 
 def model_image_size(model: nn.Module, default: int = 224) -> int:
@@ -91,6 +91,7 @@ def evaluate(model: nn.Module, loader_or_dir: Iterable | str | Path, *, image_si
         "confusion": confusion.tolist(),
         "classes": names,
         "skipped": skipped,
+        "precision": resolve(precision, device),
     }
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from vitlab.data.folder import image_files
 from vitlab.data.images import IMG_EXTENSIONS, BadImageError, load_rgb
 from vitlab.data.transforms import eval_transform
+from vitlab.precision import autocast
 from vitlab.train.evaluate import model_image_size
 
 
@@ -63,7 +64,7 @@ def expand_images(inputs: list[str | Path]) -> list[Path]:
 
 @torch.no_grad()
 def predict(model: nn.Module, images: list[str | Path], *, classes: list[str] | None = None, top_k: int = 5,
-            normalize: str = "official", batch_size: int = 64) -> list[dict[str, Any]]:
+            normalize: str = "official", batch_size: int = 64, precision: str = "auto") -> list[dict[str, Any]]:
     """Top-k classes with probabilities per image: ``{"path", "top": [{"label", "index", "prob"}...]}`` or
     ``{"path", "error"}`` for a file that cannot be decoded."""
     transform = eval_transform(model_image_size(model), normalize)
@@ -80,7 +81,9 @@ def predict(model: nn.Module, images: list[str | Path], *, classes: list[str] | 
                 results.append({"path": str(p), "error": e.reason})
         if not tensors:
             continue
-        probs = model(torch.stack(tensors)).float().softmax(dim=-1)
+        x = torch.stack(tensors)
+        with torch.no_grad(), autocast(precision, x.device):
+            probs = model(x).float().softmax(dim=-1)
         k = min(top_k, probs.shape[1])
         top = probs.topk(k, dim=1)
         for slot, values, indices in zip(slots, top.values.tolist(), top.indices.tolist()):
