@@ -17,7 +17,7 @@ from tests.analysis.reference import random_model
 from tests.conftest import FIXTURES, REPO, require
 from vitlab.analysis import attention_rollout, mean_attention_distance, pos_embed_topology
 from vitlab.analysis.images import input_normalization, list_images, read_images
-from vitlab.checkpoints.surgery import resample_pos_embed
+from vitlab.model.posembed import resample_pos_embed
 from vitlab.cli import main
 from vitlab.data import sample_root
 from vitlab.train.inference import load_for_inference

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vitlab
-from vitlab.checkpoints.surgery import resample_pos_embed
+from vitlab.model.posembed import resample_pos_embed
 from vitlab.model import ViTConfig, VisionTransformer, count_parameters, create_model, list_models
 
 TINY = dict(image_size=32, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5)

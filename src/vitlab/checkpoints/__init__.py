@@ -1,5 +1,6 @@
 """Checkpoints: vitlab's own format and the official Google ``.npz``, timm and Hugging Face formats (one module
-each), strict loading with a readable diff, hub resolution, and checkpoint surgery.
+each), strict loading with a readable diff, and hub resolution. Position-embedding resampling is the model's
+(``vitlab.model.posembed``).
 
 ``load`` / ``save`` are the entry points (also ``vitlab.load`` / ``vitlab.save``); see :mod:`vitlab.checkpoints.api`.
 """

@@ -17,6 +17,7 @@ from torch import nn
 
 from vitlab.model.config import ViTConfig, to_hw
 from vitlab.model.layers import Block, PatchEmbed, init_official_
+from vitlab.model.posembed import resample_axis_embed, resample_pos_embed
 from vitlab.model.resnet import ResNetBackbone
 
 
@@ -123,8 +124,6 @@ class VisionTransformer(nn.Module):
         resize as ``set_image_size``) without changing the parameters, so gradients reach the stored table. The
         sin-cos table is sampled too (the image keeps its coordinates), where ``set_image_size`` recomputes it.
         """
-        from vitlab.checkpoints.surgery import resample_axis_embed, resample_pos_embed
-
         kind = self.config.pos_embed
         native = self.config.grid_size
         gh, gw = native if grid is None else (int(grid[0]), int(grid[1]))
@@ -225,8 +224,6 @@ class VisionTransformer(nn.Module):
         """Change the input resolution, keeping the patch size: the learned position-embedding grid is resampled
         (class slot kept apart) by 2D interpolation, bilinear with aligned corners by default because that
         reproduces the official resize exactly; ``mode="bicubic"`` is available."""
-        from vitlab.checkpoints.surgery import resample_axis_embed, resample_pos_embed
-
         new_cfg = self.config.replace(image_size=image_size if isinstance(image_size, int) else to_hw(image_size))
         old_grid, new_grid = self.config.grid_size, new_cfg.grid_size
         kind = self.config.pos_embed

@@ -1,6 +1,7 @@
-"""Checkpoint surgery as pure tensor functions: resampling position embeddings to a new patch grid (paper Sec. 3.2,
-"Fine-tuning and higher resolution"). Called by ``VisionTransformer.set_image_size`` and by the loaders, never
-inside ``forward``."""
+"""Position embeddings resampled to a new patch grid, as pure tensor functions (paper Sec. 3.2, "Fine-tuning and
+higher resolution"). ``VisionTransformer.set_image_size`` and the checkpoint loaders use them to change a model's
+resolution for good; ``VisionTransformer.position_embedding(grid)`` samples the stored table inside ``forward``
+when the training loop feeds a lower resolution for a while (gradients then reach the stored table)."""
 
 from __future__ import annotations
 
