@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from vitlab.bench.benchmark import _cast_models, _input, infer_call, train_call
+from vitlab.bench.benchmark import bench_input, cast_models, infer_call, train_call
 from vitlab.bench.flops import count_flops, matmul_shapes
 from vitlab.bench.models import bench_model, build_pair
 from vitlab.bench.timing import interleaved, machine_info, matmul_peak, median
@@ -81,8 +81,8 @@ def measure(key: str, batch: int | None, training: bool, reps: int, peak: float)
     dtypes = ["bf16-autocast"] if training else ["bf16-autocast", "bf16-weights"]
     for dtype in dtypes:
         torch.manual_seed(0)
-        vit, tm = _cast_models(dict(zip(("vitlab", "timm"), build_pair(cfg))), dtype).values()
-        x = _input(bm, batch, "cpu", dtype)
+        vit, tm = cast_models(dict(zip(("vitlab", "timm"), build_pair(cfg))), dtype).values()
+        x = bench_input(bm, batch, "cpu", dtype)
         if training:
             y = torch.randint(0, cfg.num_classes, (batch,))
             fns = {"vitlab": train_call(vit.train(), x, y, dtype, "cpu"),

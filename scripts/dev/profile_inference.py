@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vitlab.bench.benchmark import _cast_models, _input, infer_call
+from vitlab.bench.benchmark import bench_input, cast_models, infer_call
 from vitlab.bench.models import bench_model, build_pair
 
 
@@ -25,8 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bm = bench_model(args.model, infer_batch=args.batch)
-    model = _cast_models({"vitlab": build_pair(bm.config)[0]}, args.dtype)["vitlab"].eval()
-    x = _input(bm, args.batch, "cpu", args.dtype)
+    model = cast_models({"vitlab": build_pair(bm.config)[0]}, args.dtype)["vitlab"].eval()
+    x = bench_input(bm, args.batch, "cpu", args.dtype)
     call = infer_call(model, x, args.dtype, "cpu")
     for _ in range(3):
         call()

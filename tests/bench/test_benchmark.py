@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from vitlab.bench.benchmark import BenchSpec, _row, format_table, run_benchmark, write_json
+from vitlab.bench.benchmark import BenchSpec, result_row, format_table, run_benchmark, write_json
 from vitlab.bench.flops import count_flops
 from vitlab.bench.models import BenchModel, bench_model, build_pair, max_output_difference, timm_kwargs
 from vitlab.bench.timing import interleaved, matmul_peak, mfu
@@ -22,12 +22,12 @@ def test_mfu_and_row_arithmetic_by_hand() -> None:
     assert mfu(4e9, 0.5, 16e9) == pytest.approx(0.5)
     bm = BenchModel("x", TINY, 4, 4)
     times = {"vitlab": [0.5, 0.4, 0.6], "timm": [1.0, 0.8, 0.9]}
-    row = _row(bm, "infer", "fp32", "eager", 4, times, flops_per_image=int(1e9), peak=16e9)
+    row = result_row(bm, "infer", "fp32", "eager", 4, times, flops_per_image=int(1e9), peak=16e9)
     assert row["vitlab_ms"] == 500.0 and row["timm_ms"] == 900.0  # medians
     assert row["vitlab_img_s"] == 8.0 and row["timm_img_s"] == pytest.approx(4.444, abs=1e-3)
     assert row["ratio"] == pytest.approx(1.8)  # vitlab speed / timm speed
     assert row["vitlab_mfu"] == pytest.approx(0.5)
-    train = _row(bm, "train", "fp32", "eager", 4, times, flops_per_image=int(1e9), peak=16e9)
+    train = result_row(bm, "train", "fp32", "eager", 4, times, flops_per_image=int(1e9), peak=16e9)
     assert train["vitlab_mfu"] == pytest.approx(1.5)  # forward + backward = 3 forwards
 
 

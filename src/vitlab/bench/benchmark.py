@@ -123,7 +123,7 @@ def train_call(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: str, d
 
 
 # ------------------------------------------------------------------------------------------------- one row
-def _row(bm: BenchModel, task: str, dtype: str, mode: str, batch: int, times: dict[str, list[float]],
+def result_row(bm: BenchModel, task: str, dtype: str, mode: str, batch: int, times: dict[str, list[float]],
          flops_per_image: int, peak: float, **extra: Any) -> dict:
     row: dict[str, Any] = {"model": bm.key, "task": task, "dtype": dtype, "mode": mode, "batch": batch}
     factor = TRAIN_FLOP_FACTOR if task == "train" else 1
@@ -139,13 +139,13 @@ def _row(bm: BenchModel, task: str, dtype: str, mode: str, batch: int, times: di
     return row
 
 
-def _cast_models(pair: dict[str, nn.Module], dtype: str) -> dict[str, nn.Module]:
+def cast_models(pair: dict[str, nn.Module], dtype: str) -> dict[str, nn.Module]:
     if dtype == "bf16-weights":
         return {lib: copy.deepcopy(m).to(torch.bfloat16) for lib, m in pair.items()}
     return pair
 
 
-def _input(bm: BenchModel, batch: int, device: str, dtype: str) -> torch.Tensor:
+def bench_input(bm: BenchModel, batch: int, device: str, dtype: str) -> torch.Tensor:
     x = torch.randn(batch, bm.config.in_channels, *bm.config.image_hw, device=device)
     return x.to(torch.bfloat16) if dtype == "bf16-weights" else x
 
@@ -168,7 +168,7 @@ def measure_model(bm: BenchModel, spec: BenchSpec, peaks: dict[str, float]) -> l
     rows = []
     for dtype in spec.dtypes:
         peak = peaks["bf16" if dtype.startswith("bf16") else "fp32"]
-        models = _cast_models(base, dtype)
+        models = cast_models(base, dtype)
         for mode in spec.modes:
             if mode == "compile" and spec.compile_models is not None and bm.key not in spec.compile_models:
                 continue
@@ -182,7 +182,7 @@ def measure_model(bm: BenchModel, spec: BenchSpec, peaks: dict[str, float]) -> l
                 extra: dict[str, Any] = {"max_abs_diff_fp32": diff}
                 if task == "train":
                     batch = bm.train_batch
-                    x = _input(bm, batch, device, dtype)
+                    x = bench_input(bm, batch, device, dtype)
                     y = torch.randint(0, max(bm.config.num_classes, 1), (batch,), device=device)
                     fns = {}
                     for lib, m in base.items():
@@ -192,7 +192,7 @@ def measure_model(bm: BenchModel, spec: BenchSpec, peaks: dict[str, float]) -> l
                         fns[lib] = train_call(m, x, y, dtype, device)
                 else:
                     batch = 1 if task == "latency" else bm.infer_batch
-                    x = _input(bm, batch, device, dtype)
+                    x = bench_input(bm, batch, device, dtype)
                     fns = {}
                     for lib, m in models.items():
                         if mode == "compile":
@@ -208,7 +208,7 @@ def measure_model(bm: BenchModel, spec: BenchSpec, peaks: dict[str, float]) -> l
                 if task == "train" and mode == "eager" and spec.memory:
                     extra["peak_memory_mb"] = {lib: peak_memory(bm.config, lib, task, dtype, batch, spec)
                                                for lib in LIBS}
-                rows.append(_row(bm, task, dtype, mode, batch, times, flops, peak, **extra))
+                rows.append(result_row(bm, task, dtype, mode, batch, times, flops, peak, **extra))
                 log.info("  ratio %.3f", rows[-1].get("ratio", float("nan")))
                 del fns
         del models
@@ -226,12 +226,12 @@ def measure_onnx(bm: BenchModel, pair: dict[str, nn.Module], spec: BenchSpec, pe
         path = export_onnx(pair["vitlab"].cpu(), Path(tmp) / "model.onnx")
         session = ort_session(path, threads=torch.get_num_threads())
         diff = check_onnx(pair["vitlab"].cpu(), path, session=session)
-        x = _input(bm, bm.infer_batch, "cpu", "fp32")
+        x = bench_input(bm, bm.infer_batch, "cpu", "fp32")
         feed = {"images": x.numpy()}
         fns = {"vitlab": lambda: session.run(["logits"], feed),
                "timm": infer_call(pair["timm"].cpu(), x, "fp32", "cpu")}
         times = interleaved(fns, reps=spec.reps, warmup=spec.warmup)
-    return _row(bm, "infer", "fp32", "onnxruntime", bm.infer_batch, times, flops, peak, max_abs_diff_onnx=diff)
+    return result_row(bm, "infer", "fp32", "onnxruntime", bm.infer_batch, times, flops, peak, max_abs_diff_onnx=diff)
 
 
 # ----------------------------------------------------------------------------------------------------- memory
@@ -260,7 +260,7 @@ def _peak_memory_here(config: ViTConfig, lib: str, task: str, dtype: str, batch:
 
     model = (VisionTransformer(config) if lib == "vitlab" else build_timm(config)).to(device).train()
     bm = BenchModel("memory", config, batch, batch)
-    x = _input(bm, batch, device, dtype)
+    x = bench_input(bm, batch, device, dtype)
     y = torch.randint(0, max(config.num_classes, 1), (batch,), device=device)
     step = train_call(model, x, y, dtype, device)
     step()  # optimiser state exists from here on: part of the baseline, as are weights and the batch
