@@ -122,7 +122,7 @@ def _sliced_applies(t: torch.Tensor, tokens: int) -> bool:
     """Whether vitlab's attention beats SDPA's CPU kernel: bf16/fp16 on the avx512-bf16 path, short sequences.
     (In fp32, SDPA's fused kernel is as fast as the sliced matmuls, forward and backward.)"""
     return (t.device.type == "cpu" and tokens <= SHORT_SEQUENCE and t.dtype in (torch.bfloat16, torch.float16)
-            and cpu_path() == "avx512-bf16" and not tracing())
+            and cpu_path() == "avx512-bf16")
 
 
 def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -228,9 +228,11 @@ def attention(qkv: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
         return Fp32Attention.apply(qkv, kernel)
     if dropout == 0.0 and _sliced_applies(qkv, qkv.shape[1]):
         if torch.is_grad_enabled() and qkv.requires_grad:
+            # torch.compile traces the Function too (compiled CIFAR bf16 training step 3.61 s vs 4.29 s with SDPA's
+            # backward); export keeps the standard op.
             if not torch.compiler.is_exporting():
                 return SlicedAttention.apply(qkv)
-        else:
+        elif not tracing():
             return _short_attention(*split_heads(qkv))
     return F.scaled_dot_product_attention(*split_heads(qkv), dropout_p=dropout)
 
