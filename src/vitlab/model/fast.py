@@ -435,8 +435,10 @@ def _weights_as(linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, to
     w, b = linear.weight, linear.bias
     if dtype == torch.float32 or (w.dtype == dtype and w.device.type != "cpu"):
         return w, b  # fp32: oneDNN's fp32 matmul takes the plain layout at no cost; a GPU needs no packing
-    if not _hook:
-        _hook.append(torch.optim.optimizer.register_optimizer_step_post_hook(_count_optimizer_step))
+    if not _hook:  # (torch.optim deletes its submodule names: ``torch.optim.optimizer`` is not an attribute)
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _hook.append(register_optimizer_step_post_hook(_count_optimizer_step))
     key = (dtype, _optimizer_steps, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
     cache = linear.__dict__.setdefault("_vitlab_cast", _CastCache())
     if cache.key != key:
