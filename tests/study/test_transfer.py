@@ -171,3 +171,36 @@ def test_cli_refuses_bad_settings_in_one_line(transfer_data, tiny_data, tmp_path
                  str(tmp_path / "z"), "--pretrain-steps", "1", "--target-epochs", "1"]) == 2
     assert "--data needs --source-classes and --target-classes" in capsys.readouterr().err
     assert not (tmp_path / "x" / "cells").exists()  # refused before anything trained
+
+
+def test_budget_splits_pretraining_and_target_cells(transfer_data, tmp_path, monkeypatch):
+    import vitlab.study.transfer as module
+    from vitlab.study import runner
+
+    source, target = transfer_data
+    seconds = {8: 0.02, 24: 0.05}  # per step, by batch size (the 4-per-class subset has 8 images: batch 8)
+    monkeypatch.setattr(runner, "probe_step_seconds", lambda config, num_classes: seconds[config.batch_size])
+    monkeypatch.setattr(runner, "probe_decode_seconds", lambda data_dir, image_size: 1e-3)
+    monkeypatch.setattr(module, "run_cells", lambda cells, *a, **k: [])  # plan only
+    summary = _run(source, target, tmp_path / "b", pretrain_steps=None, target_epochs=None, budget_minutes=3.0,
+                   pretrain_share=0.5, min_steps=5, sets=TRANSFER_RECIPE + ["batch_size=24"])
+    plan = summary["plan"]
+    factor, overhead = runner.PIPELINE_FACTOR, runner.CELL_OVERHEAD_SECONDS
+    # Pre-training: 160 source images at batch 24, 40 test images; half of 3 minutes.
+    pre = lambda n: 0.05 * factor * n + 1e-3 * 200 + overhead + 0.05 / 3 / 24 * 40  # noqa: E731
+    assert pre(plan["pretrain_steps"]) <= 90.0 < pre(plan["pretrain_steps"] + 1)
+    # Few-shot: 60 test images and min(40, 2 classes x 5 shots x 3 draws) shots, twice, decoded and forwarded.
+    fewshot = 2 * (60 + 30) * (1e-3 + 0.05 / 3 / 24)
+
+    def target(epochs: float) -> float:
+        """Three cells per size: 8 images (batch 8) and 40 images (batch 24), 60 test images each."""
+        total = 0.0
+        for n, b in ((8, 8), (40, 24)):
+            steps = max(5, round(epochs * n / b))
+            total += 3 * (seconds[b] * factor * steps + 1e-3 * (n + 60) + overhead + seconds[b] / 3 / b * 60)
+        return total
+
+    left = 180.0 - pre(plan["pretrain_steps"]) - fewshot
+    assert target(plan["target_epochs"]) <= left < target(plan["target_epochs"] + 0.1)
+    assert plan["estimated_minutes"] == pytest.approx((180.0 - left + target(plan["target_epochs"])) / 60, abs=0.01)
+    assert plan["steps"]["per_class_all__scratch"] == max(5, round(plan["target_epochs"] * 40 / 24))

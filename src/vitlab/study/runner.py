@@ -186,13 +186,14 @@ def _probe_key(config: TrainConfig) -> str:
 
 @dataclass
 class CellCosts:
-    """What :func:`cell_costs` measured: per cell, seconds per optimisation step and seconds that do not depend
-    on the steps (decoding, evaluation, start-up), with the probe timings behind them."""
+    """What :func:`cell_costs` measured: per cell, seconds per optimisation step, seconds that do not depend on
+    the steps (decoding, evaluation, start-up) and seconds per image of a forward pass, with the probe timings."""
 
     per_step: list[float]
     fixed: list[float]
     probes: dict[str, float]
     decode: float
+    forward: list[float] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         return {"probe_seconds_per_step": self.probes, "probe_decode_seconds_per_image": self.decode}
@@ -209,7 +210,7 @@ def cell_costs(cells: list[Cell], num_classes: int, *, evaluations: list[int] | 
     except (OSError, ValueError):
         decode = DECODE_SECONDS_PER_IMAGE
     probes: dict[str, float] = {}
-    per_step, fixed = [], []
+    per_step, fixed, forwards = [], [], []
     for i, cell in enumerate(cells):
         key = _probe_key(cell.config)
         if key not in probes:
@@ -221,7 +222,8 @@ def cell_costs(cells: list[Cell], num_classes: int, *, evaluations: list[int] | 
         seconds = decode * (cell.num_train + cell.num_test + num_val) + CELL_OVERHEAD_SECONDS
         seconds += forward * (cell.num_test + (evaluations[i] if evaluations else 0) * num_val)
         fixed.append(seconds)
-    return CellCosts(per_step, fixed, probes, decode)
+        forwards.append(forward)
+    return CellCosts(per_step, fixed, probes, decode, forwards)
 
 
 def steps_for_budget(cells: list[Cell], budget_minutes: float, num_classes: int) -> dict[str, Any]:

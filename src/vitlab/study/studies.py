@@ -240,7 +240,7 @@ def data_size(data_dir: str | Path, out_dir: str | Path, *, models: list[str], f
             costs = cell_costs(probe_cells, num_classes, evaluations=[evaluations] * len(probe_cells))
             fitted = fit_budget(costs, steps_of, budget_minutes)
             seconds = sum(costs.fixed) + sum(t * n for t, n in zip(costs.per_step, steps_of(fitted)))
-            return {"epochs": round(fitted, 3), "budget_minutes": budget_minutes, **costs.record(),
+            return {"epochs": fitted, "budget_minutes": budget_minutes, **costs.record(),
                     "estimated_minutes": round(seconds / 60.0, 2)}
 
         plan = load_or_make_plan(out_dir, request, make)

@@ -180,8 +180,12 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
     def batch(k: int | None) -> int:
         return min(base.batch_size, subsets[k].num_images)
 
-    def target_steps(epochs: float) -> list[int]:
+    def size_steps(epochs: float) -> list[int]:
         return [proportional_steps(subsets[k].num_images, batch(k), epochs, min_steps, max_steps) for k in sizes]
+
+    def target_steps(epochs: float) -> list[int]:
+        """Steps of every target cell, in the order of :func:`target_cells` (the methods of a size share them)."""
+        return [n for n in size_steps(epochs) for _ in METHODS]
 
     def pretrain_cell(n: int) -> Cell:
         return Cell(key="pretrain", label={"kind": "pretrain"}, config=cell_config(base, model, n),
@@ -190,7 +194,7 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
 
     def target_cells(epochs: float) -> list[Cell]:
         cells = []
-        for k, n in zip(sizes, target_steps(epochs)):
+        for k, n in zip(sizes, size_steps(epochs)):
             sub = subsets[k]
             for method, recipe_config in zip(METHODS, (paper, small, base)):
                 config = cell_config(recipe_config, model, n).replace(image_size=ft_size, batch_size=batch(k))
@@ -210,7 +214,7 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
         tgt_costs = cell_costs(target_cells(1.0), tgt_classes)
         # Few-shot: features of the target's test split and of the drawn shots, twice (pre-trained, random init).
         shot_images = min(tgt_train, tgt_classes * max(shots) * draws)
-        fewshot_s = 2 * (tgt_test + shot_images) * (pre_costs.decode + pre_costs.per_step[0] / 3 / base.batch_size)
+        fewshot_s = 2 * (tgt_test + shot_images) * (pre_costs.decode + pre_costs.forward[0])
         budget = budget_minutes * 60.0
         if pretrain_steps is not None:
             n_pre = int(pretrain_steps)
@@ -225,7 +229,7 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
             tgt_costs, target_steps, (budget - pre_s - fewshot_s) / 60.0)
         seconds = pre_s + fewshot_s + sum(tgt_costs.fixed) + sum(
             t * n for t, n in zip(tgt_costs.per_step, target_steps(epochs)))
-        return {"pretrain_steps": n_pre, "target_epochs": round(epochs, 3), "budget_minutes": budget_minutes,
+        return {"pretrain_steps": n_pre, "target_epochs": epochs, "budget_minutes": budget_minutes,
                 "probe_seconds_per_step": {**pre_costs.probes, **tgt_costs.probes},
                 "probe_decode_seconds_per_image": pre_costs.decode, "estimated_minutes": round(seconds / 60.0, 2)}
 
@@ -264,7 +268,8 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
         if cell.config.threads:
             torch.set_num_threads(cell.config.threads)
         try:
-            kwargs = dict(draws=draws, l2s=l2s, seed=subset_seed, normalize=normalize, progress=bool(progress))
+            kwargs = dict(draws=draws, l2s=l2s, seed=subset_seed, normalize=normalize, precision=cell.config.precision,
+                          progress=bool(progress))
             pretrained = fewshot_evaluate(vitlab.load(npz), target, shots, **kwargs)
             torch.manual_seed(cell.config.seed)  # the pre-training's initial weights
             random_init = fewshot_evaluate(build_model(cell.config, src_classes), target, shots, **kwargs)
