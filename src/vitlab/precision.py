@@ -26,9 +26,9 @@ Precision = Literal["auto", "fp32", "bf16"]
 Resolved = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
-# Measured on a 2-core CPU restricted to AVX2 (docs/speed.md): the demo model's training step under emulated
-# bf16 autocast against fp32, same process, alternating.
-EMULATED_BF16_COST = "about 7x slower per training step than fp32"
+# The CIFAR-sized model's training step under emulated bf16 autocast against fp32, same process, alternating, on a
+# 2-core CPU held to AVX2 (scripts/bench_cpu.sh --avx2; docs/speed.md, "Two CPU classes").
+EMULATED_BF16_COST = "about 16x slower per training step than fp32"
 
 
 def cpu_capability() -> str:
@@ -38,14 +38,16 @@ def cpu_capability() -> str:
 
 
 @functools.cache
-def _cpu_bf16_instructions() -> bool:
+def cpu_bf16_instructions() -> bool:
+    """Whether the CPU has AVX512-BF16 or AMX, whatever code path ATen takes (``cpu_native_bf16`` needs both;
+    tests replace this probe, and ``cpu_capability``, to decide as another CPU class would)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def cpu_native_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls natively: AVX512-BF16 or AMX, with ATen on its AVX-512 code path."""
-    return cpu_capability().startswith("AVX512") and _cpu_bf16_instructions()
+    return cpu_capability().startswith("AVX512") and cpu_bf16_instructions()
 
 
 def native_bf16(device: torch.device | str) -> bool:
