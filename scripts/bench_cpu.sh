@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU rows of README's and docs/speed.md's speed tables, vitlab against timm in one process, for this machine's
 # CPU class, or for the AVX2 class simulated on an AVX-512 machine (ATen, oneDNN and MKL held to AVX2):
-#   bash scripts/bench_cpu.sh            # -> results/bench/cpu-{fp32,bf16}-*-<class>.json
+#   bash scripts/bench_cpu.sh            # -> results/bench/cpu-{fp32,bf16}-*-<class>.json (class from /proc/cpuinfo)
 #   bash scripts/bench_cpu.sh --avx2     # -> results/bench/cpu-fp32-*-avx2sim.json
 # Run it with the machine otherwise idle: the two libraries share it in turns, but other load still adds noise.
 set -euo pipefail
@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--avx2" ]; then
     export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
     class=avx2sim
+elif grep -q amx_tile /proc/cpuinfo; then
+    class=avx512bf16-amx
 elif grep -q avx512_bf16 /proc/cpuinfo; then
     class=avx512bf16
 else
@@ -26,7 +28,7 @@ $vitlab bench --models ViT-S/16,ViT-B/16,cifar --dtypes fp32 --tasks infer,laten
 
 # bf16 (what precision auto runs on AVX512-BF16 CPUs): inference and latency under autocast and with bf16 weights,
 # training under autocast with peak memory.
-if [ "$class" = avx512bf16 ]; then
+if [ "$class" = avx512bf16 ] || [ "$class" = avx512bf16-amx ]; then
     $vitlab bench --models ViT-S/16,ViT-B/16 --dtypes bf16-autocast,bf16-weights --tasks infer,latency --reps 5 \
         --latency-reps 9 --infer-batch ViT-B/16=4 "${common[@]}" --out "$out/cpu-bf16-infer-latency-$class.json"
     $vitlab bench --models cifar,ViT-S/16 --dtypes bf16-autocast --tasks train --reps 5 --train-batch ViT-S/16=16 \
@@ -35,7 +37,7 @@ fi
 
 # What an explicit bf16 costs where it is emulated (the warning vitlab.precision gives quotes it): the CIFAR model's
 # training step in fp32 and under bf16 autocast (a small matmul for the peaks: emulated bf16 is slow).
-if [ "$class" != avx512bf16 ]; then
+if [ "$class" = avx2 ] || [ "$class" = avx2sim ]; then
     $vitlab bench --models cifar --dtypes fp32,bf16-autocast --tasks train --reps 3 --peak-n 512 --no-memory \
         "${common[@]}" --out "$out/cpu-emulated-bf16-train-$class.json"
 fi
