@@ -105,7 +105,7 @@ def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 SHORT_SEQUENCE = 256  # vitlab's attention measured faster than SDPA's at 64 and 197 tokens (docs/speed.md)
-FORWARD_ELEMENTS = 2**18  # probabilities per forward slice: 1 MB in fp32; 2^22 ran up to 2x slower
+FORWARD_ELEMENTS = 2**18  # probabilities per forward slice: 1 MB in fp32, in cache (docs/speed.md point 2)
 BACKWARD_ELEMENTS = 2**18  # per backward slice; whole-batch temporaries raised the training peak memory 8%
 
 
@@ -207,7 +207,7 @@ class Fp32Attention(torch.autograd.Function):
         return ctx.kernel.attention_backward(qkv, do, qkv.shape[-1] ** -0.5), None
 
 
-FP32_SHORT_SEQUENCE = 128  # faster than SDPA forward+backward at 64 tokens (1.3x), slower at 197 (docs/speed.md)
+FP32_SHORT_SEQUENCE = 128  # faster than SDPA at 64 tokens, slower at 197 (docs/speed.md, "Two CPU classes")
 
 
 def _fp32_attention_kernel(qkv: torch.Tensor):
@@ -228,8 +228,8 @@ def attention(qkv: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
         return Fp32Attention.apply(qkv, kernel)
     if dropout == 0.0 and _sliced_applies(qkv, qkv.shape[1]):
         if torch.is_grad_enabled() and qkv.requires_grad:
-            # torch.compile traces the Function too (compiled CIFAR bf16 training step 3.61 s vs 4.29 s with SDPA's
-            # backward); export keeps the standard op.
+            # torch.compile traces the Function too (faster than SDPA's backward there as well, docs/speed.md);
+            # export keeps the standard op.
             if not torch.compiler.is_exporting():
                 return SlicedAttention.apply(qkv)
         elif not tracing():

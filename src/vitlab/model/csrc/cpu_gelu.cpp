@@ -1,9 +1,8 @@
 // The tanh-approximation GELU (the official ViT code's, and vitlab's default) and its gradient, for bf16 and fp32
 // CPU tensors, in one pass each.
 //
-// Why it exists: PyTorch's CPU tanh GELU runs at about a third of the speed of its erf GELU (bf16, 16 x 197 x 1536
-// values on 2 threads: 4.8 and 4.9 ms forward and backward, against 1.3 and 2.3 ms for erf; scripts/dev/kernel_timing.py),
-// which made the activation ~12% of the small-scratch preset's training step. It is written here with the identity
+// Why it exists: PyTorch's CPU tanh GELU runs at about a third of the speed of its erf GELU, which made the
+// activation ~12% of the small-scratch preset's training step (docs/speed.md point 4; scripts/dev/kernel_timing.py). It is written here with the identity
 // 0.5 (1 + tanh(u / 2)) = sigmoid(u): gelu(x) = x sigmoid(u), u = 2 sqrt(2 / pi) (x + 0.044715 x^3), one exp per
 // value, in fp32, the result rounded once (nearest even), as PyTorch computes it for bf16.
 #include <torch/extension.h>
