@@ -52,9 +52,11 @@ def test_predict_matches_the_model(trained, capsys):
     data, run = trained
     image = sorted((data / "val" / "c2").iterdir())[0]
     capsys.readouterr()
-    assert main(["predict", str(run / "model.safetensors"), str(image), str(data / "val" / "c0"), "--json",
-                 "--top-k", "2"]) == 0
+    args = ["predict", str(run / "model.safetensors"), str(image), str(data / "val" / "c0"), "--json", "--top-k", "2"]
+    assert main(args + ["--precision", "fp32"]) == 0
     results = json.loads(capsys.readouterr().out)
+    assert main(args) == 0  # precision auto: bf16 where the CPU has it natively, else fp32
+    auto = json.loads(capsys.readouterr().out)
     assert len(results) == 1 + 4 and results[0]["path"] == str(image)
     model = vitlab.load(run / "model.safetensors")
     from PIL import Image
@@ -66,6 +68,7 @@ def test_predict_matches_the_model(trained, capsys):
     top = results[0]["top"]
     assert len(top) == 2 and top[0]["label"] == ["c0", "c1", "c2"][int(probs.argmax())]
     assert top[0]["prob"] == pytest.approx(float(probs.max()), rel=1e-4)
+    assert auto[0]["top"][0]["prob"] == pytest.approx(float(probs.max()), rel=1e-2)  # bf16 rounding at most
 
 
 def test_predict_reports_unreadable_file(trained, tmp_path, capsys):
