@@ -1,5 +1,6 @@
-"""The fused oneDNN inference path of the encoder blocks computes the same function as the plain PyTorch ops
-(and as timm), is taken only where it should be, and leaves training untouched."""
+"""The avx512-bf16 path's fused oneDNN inference of the encoder blocks computes the same function as the plain
+PyTorch ops (and as timm), is taken only where it should be, and leaves training untouched; the sliced attention
+(the path's torch-op attention for short bf16 sequences) against SDPA."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.model.opnames import OpNames
 from vitlab.bench.models import build_pair
-from vitlab.model import ViTConfig, VisionTransformer
-from vitlab.model.layers import fused_cpu_inference
+from vitlab.model import ViTConfig, VisionTransformer, fast
 
 CONFIGS = {
     "token-exact": ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5,
@@ -19,18 +19,9 @@ CONFIGS = {
     "gap-tanh": ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=48, num_classes=3,
                           classifier="gap", gelu="tanh"),
 }
-
-
-class OpNames(TorchDispatchMode):
-    """Records the name of every aten/mkldnn op that runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+needs_bf16_path = pytest.mark.skipif(not fast.available("avx512-bf16"), reason="this CPU cannot take the "
+                                     "avx512-bf16 path (it needs AVX512-BF16 or AMX, with torch on its AVX-512 code "
+                                     "path)")
 
 
 def _model(name: str) -> VisionTransformer:
@@ -42,12 +33,13 @@ def _model(name: str) -> VisionTransformer:
 
 
 def _run(model: VisionTransformer, x: torch.Tensor, fused: bool, autocast: bool = False) -> tuple[torch.Tensor, set]:
-    with torch.no_grad(), fused_cpu_inference(fused), OpNames() as ops, \
+    with torch.no_grad(), fast.use("avx512-bf16" if fused else "plain"), OpNames() as ops, \
             torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         out = model(x)
     return out.float(), ops.names
 
 
+@needs_bf16_path
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fp32_fused_equals_plain(name: str) -> None:
     model = _model(name)
@@ -59,6 +51,7 @@ def test_fp32_fused_equals_plain(name: str) -> None:
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
 
 
+@needs_bf16_path
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_bf16_weights_and_autocast_fused_match_fp32_within_bf16_tolerance(name: str) -> None:
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -87,16 +80,17 @@ def test_fused_vitlab_matches_timm() -> None:
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
+@needs_bf16_path
 def test_training_and_grad_take_the_plain_path() -> None:
     model = _model("token-exact")
     x = torch.randn(2, 3, 16, 16)
-    with OpNames() as ops:
+    with fast.use("avx512-bf16"), OpNames() as ops:
         out = model(x)  # grad enabled
     assert "mkldnn._linear_pointwise" not in ops.names
     out.sum().backward()
     assert model.blocks[0].mlp.fc1.weight.grad is not None
     model.train()
-    with torch.no_grad(), OpNames() as ops:
+    with fast.use("avx512-bf16"), torch.no_grad(), OpNames() as ops:
         model(x)
     assert "mkldnn._linear_pointwise" not in ops.names
 
@@ -117,21 +111,19 @@ def _attention_grads(fn, base: torch.Tensor, grad: torch.Tensor) -> tuple[torch.
 
 
 def _sdpa(qkv: torch.Tensor) -> torch.Tensor:
-    from vitlab.model.layers import _split_heads
-
-    return torch.nn.functional.scaled_dot_product_attention(*_split_heads(qkv))
+    return torch.nn.functional.scaled_dot_product_attention(*fast.split_heads(qkv))
 
 
 @pytest.mark.parametrize("slice_elements", [2**18, 2 * 7 * 7 * 2])  # whole batch; two samples per slice
-def test_reduced_precision_attention_backward_is_the_softmax_attention_gradient(monkeypatch, slice_elements) -> None:
-    from vitlab.model import layers
-    from vitlab.model.layers import _ReducedPrecisionAttention
-
-    monkeypatch.setattr(layers, "_BACKWARD_ELEMENTS", slice_elements)
-    monkeypatch.setattr(layers, "_FORWARD_ELEMENTS", slice_elements)
+def test_sliced_attention_backward_is_the_softmax_attention_gradient(monkeypatch, slice_elements) -> None:
+    """``SlicedAttention`` in torch ops (fp64 here, which no C++ kernel takes) is softmax attention, forward and
+    backward, however the batch is sliced."""
+    monkeypatch.setattr(fast, "BACKWARD_ELEMENTS", slice_elements)
+    monkeypatch.setattr(fast, "FORWARD_ELEMENTS", slice_elements)
     base = torch.randn(5, 7, 3, 2, 8, dtype=torch.float64)  # B, N, 3, H, hd (5: the last slice is partial)
     grad = torch.randn(5, 2, 7, 8, dtype=torch.float64)
-    out, g = _attention_grads(_ReducedPrecisionAttention.apply, base, grad)
+    with fast.use("plain"):
+        out, g = _attention_grads(fast.SlicedAttention.apply, base, grad)
     ref_out, ref_g = _attention_grads(_sdpa, base, grad)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(g, ref_g)
@@ -142,13 +134,11 @@ def test_sliced_attention_forward_bf16_error_is_that_of_the_fused_kernel(monkeyp
     """The inference/training forward that replaces SDPA's CPU kernel for short bf16 sequences: on the model's
     strided q, k, v views, in slices of two samples, its error against fp64 is the fused kernel's (both keep the
     logits and softmax in fp32 and round the probabilities once)."""
-    from vitlab.model import layers
-
-    monkeypatch.setattr(layers, "_FORWARD_ELEMENTS", 2 * heads * tokens * tokens)
+    monkeypatch.setattr(fast, "FORWARD_ELEMENTS", 2 * heads * tokens * tokens)
     base = torch.randn(batch, tokens, 3, heads, 64).bfloat16()
-    q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)  # B, H, N, hd views, as Attention makes them
+    q, k, v = fast.split_heads(base)  # B, H, N, hd views, as Attention makes them
     exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    ours = layers._sliced_attention(q, k, v)
+    ours = fast.sliced_attention(q, k, v)
     fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert ours.dtype == torch.bfloat16 and ours.shape == fused.shape
     err_ours = float((ours.double() - exact).norm() / exact.norm())
@@ -157,33 +147,36 @@ def test_sliced_attention_forward_bf16_error_is_that_of_the_fused_kernel(monkeyp
 
 
 @pytest.mark.parametrize("batch,tokens,heads", [(4, 64, 3), (2, 197, 6)])  # CIFAR-sized; ViT-S/16 at 224
-def test_reduced_precision_attention_bf16_error_is_that_of_the_fused_kernel(batch, tokens, heads) -> None:
-    from vitlab.model.layers import _ReducedPrecisionAttention
-
+def test_sliced_attention_bf16_gradient_error_is_that_of_the_fused_kernel(batch, tokens, heads) -> None:
+    """The torch-op backward of ``SlicedAttention`` (what the avx512-bf16 path runs where its C++ kernel does not
+    apply): its bf16 error against fp64 is within twice that of SDPA's fused kernel."""
     base = torch.randn(batch, tokens, 3, heads, 64)
     grad = torch.randn(batch, heads, tokens, 64)
     _, exact = _attention_grads(_sdpa, base.bfloat16().double(),
                                 grad.bfloat16().double())
-    _, ours = _attention_grads(_ReducedPrecisionAttention.apply, base.bfloat16(), grad.bfloat16())
+    with fast.use("plain"):
+        _, ours = _attention_grads(fast.SlicedAttention.apply, base.bfloat16(), grad.bfloat16())
     _, fused = _attention_grads(_sdpa, base.bfloat16(), grad.bfloat16())
     err_ours = (ours.double() - exact).abs().max()
     err_fused = (fused.double() - exact).abs().max()
     assert err_ours <= 2 * err_fused + 1e-3, (err_ours, err_fused)
 
 
+@needs_bf16_path
 def test_bf16_training_uses_it_only_for_short_sequences() -> None:
     model = VisionTransformer(CONFIGS["gap-tanh"]).train()
     x = torch.randn(2, 3, 16, 16)
-    with OpNames() as ops, torch.autocast("cpu", torch.bfloat16):
+    with fast.use("avx512-bf16"), OpNames() as ops, torch.autocast("cpu", torch.bfloat16):
         model(x).sum().backward()
     assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" not in ops.names
     assert "aten.bmm" in ops.names or "aten.matmul" in ops.names or "aten.mm" in ops.names
     long_seq = VisionTransformer(CONFIGS["gap-tanh"].replace(image_size=68)).train()  # 289 tokens > 256
-    with OpNames() as ops, torch.autocast("cpu", torch.bfloat16):
+    with fast.use("avx512-bf16"), OpNames() as ops, torch.autocast("cpu", torch.bfloat16):
         long_seq(torch.randn(1, 3, 68, 68)).sum().backward()
     assert "aten._scaled_dot_product_flash_attention_for_cpu_backward" in ops.names
 
 
+@needs_bf16_path
 def test_autocast_weight_copies_follow_weight_updates() -> None:
     model = _model("token-exact")
     x = torch.randn(2, 3, 16, 16)
@@ -197,6 +190,7 @@ def test_autocast_weight_copies_follow_weight_updates() -> None:
     assert (second - plain).abs().max() <= 0.05 * plain.abs().max()
 
 
+@needs_bf16_path
 @pytest.mark.parametrize("fused", [True, False])
 def test_cached_weights_follow_optimizer_steps(fused) -> None:
     """torch's fused optimisers write parameters without bumping their version counters: the cache must still see
@@ -217,6 +211,7 @@ def test_cached_weights_follow_optimizer_steps(fused) -> None:
     assert (second - plain).abs().max() <= 0.05 * plain.abs().max()
 
 
+@needs_bf16_path
 def test_model_with_cached_weights_still_copies_and_pickles() -> None:
     import pickle
 

@@ -1,6 +1,6 @@
-"""vitlab's C++ tanh GELU (``src/vitlab/model/csrc/cpu_gelu.cpp``): values and gradients against an fp64
-computation of the formula and against PyTorch's own tanh GELU, at sizes that exercise the vector tail and the
-parallel split; and that the MLP uses it."""
+"""vitlab's C++ tanh GELU for the avx512-bf16 path (``src/vitlab/model/csrc/cpu_gelu.cpp``): values and gradients
+against an fp64 computation of the formula and against PyTorch's own tanh GELU, at sizes that exercise the vector
+tail and the parallel split; and that the MLP and the model take it, computing what the plain path computes."""
 
 from __future__ import annotations
 
@@ -9,12 +9,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vitlab.model import cpu_kernels, layers
+from tests.model.opnames import OpNames, autograd_nodes
+from vitlab.model import ViTConfig, VisionTransformer, cpu_kernels, fast
 from vitlab.model.layers import Mlp
 
-kernel = cpu_kernels.kernels()
-pytestmark = pytest.mark.skipif(kernel is None, reason="the C++ kernels cannot be built here")
+pytestmark = pytest.mark.skipif(not fast.available("avx512-bf16"), reason="this CPU cannot take the avx512-bf16 "
+                                "path (it needs AVX512-BF16 or AMX, with torch on its AVX-512 code path)")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = cpu_kernels.kernels()
+    if module is None:
+        pytest.skip("the bf16 C++ kernels are switched off (VITLAB_CPU_KERNELS=0) or could not be built here")
+    return module
 
 
 def _inputs(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -25,7 +35,7 @@ def _inputs(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 37, 16 * 1024 * 3 + 5])  # a partial vector; several parallel chunks
-def test_values_and_gradient_match_fp64(dtype, n) -> None:
+def test_values_and_gradient_match_fp64(kernel, dtype, n) -> None:
     x = _inputs(n, dtype)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
     xd = x.double().requires_grad_()
@@ -47,7 +57,7 @@ def test_values_and_gradient_match_fp64(dtype, n) -> None:
             assert float((err / ref.abs().clamp_min(1e-3)).max()) < 2 * torch.finfo(dtype).eps
 
 
-def test_known_values() -> None:
+def test_known_values(kernel) -> None:
     """GELU_tanh(1) = 0.5 (1 + tanh(sqrt(2/pi) 1.044715)) = 0.841192; it tends to x for large x and to 0 below."""
     x = torch.tensor([1.0, 0.0, 10.0, -10.0, -1.0])
     y = kernel.gelu_tanh_forward(x)
@@ -58,9 +68,7 @@ def test_known_values() -> None:
     torch.testing.assert_close(kernel.gelu_tanh_backward(torch.ones(1), torch.zeros(1)), torch.tensor([0.5]))
 
 
-def test_mlp_uses_it_and_matches_torch(monkeypatch) -> None:
-    from tests.bench.test_fused import OpNames
-
+def test_mlp_uses_it_and_matches_the_plain_path(kernel) -> None:
     torch.manual_seed(0)
     mlp = Mlp(32, 64, gelu="tanh")
     x = torch.randn(4, 9, 32)
@@ -72,19 +80,51 @@ def test_mlp_uses_it_and_matches_torch(monkeypatch) -> None:
         y.float().square().sum().backward()
         return y.float(), [p.grad.clone() for p in mlp.parameters()], ops.names
 
-    y, grads, names = run()
+    with fast.use("avx512-bf16"):
+        y, grads, names = run()
+    with fast.use("plain"):
+        y_plain, grads_plain, names_plain = run()
     assert "aten.gelu" not in names and "aten.gelu_backward" not in names
-    monkeypatch.setattr(cpu_kernels, "_state", {"module": None})
-    y_torch, grads_torch, names_torch = run()
-    assert "aten.gelu" in names_torch
-    torch.testing.assert_close(y, y_torch, atol=1e-2, rtol=1e-2)
-    for g, g_torch in zip(grads, grads_torch):
-        torch.testing.assert_close(g, g_torch, atol=5e-2, rtol=2e-2)
-    # fp16 (like erf GELU, whose PyTorch kernel is already fast) keeps PyTorch's op.
-    assert layers._gelu_kernel_for(torch.zeros(2, dtype=torch.float16)) is None
+    assert "aten.gelu" in names_plain
+    torch.testing.assert_close(y, y_plain, atol=1e-2, rtol=1e-2)
+    for g, g_plain in zip(grads, grads_plain):
+        torch.testing.assert_close(g, g_plain, atol=5e-2, rtol=2e-2)
 
 
-def test_bad_input_names_what_was_expected() -> None:
+def test_fp16_and_erf_keep_pytorchs_gelu(kernel) -> None:
+    """fp16 (which the kernel does not take) and the erf GELU (whose PyTorch kernel is already fast) run
+    ``aten.gelu``."""
+    for h, approximate in ((torch.randn(2, 8, dtype=torch.float16), "tanh"), (torch.randn(2, 8), "none")):
+        with fast.use("avx512-bf16"), OpNames() as ops:
+            y = fast.gelu(h, nn.GELU(approximate=approximate))
+        assert "aten.gelu" in ops.names
+        torch.testing.assert_close(y, F.gelu(h, approximate=approximate))
+
+
+def test_fp32_model_training_matches_the_plain_path(kernel) -> None:
+    """In fp32 the avx512-bf16 path keeps SDPA and LayerNorm and takes only the kernel's fp32 GELU: gradients equal
+    the plain path's to fp32 rounding."""
+    config = ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5)
+    model = VisionTransformer(config).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(3, 3, 16, 16)
+    grads, nodes = {}, {}
+    for path in ("avx512-bf16", "plain"):
+        model.zero_grad()
+        with fast.use(path):
+            out = model(x)
+            out.logsumexp(-1).sum().backward()
+        nodes[path] = autograd_nodes(out)
+        grads[path] = [p.grad.clone() for p in model.parameters()]
+    assert "_KernelGeluBackward" in nodes["avx512-bf16"] and "GeluBackward0" not in nodes["avx512-bf16"]
+    assert "GeluBackward0" in nodes["plain"]
+    for g, g_plain in zip(grads["avx512-bf16"], grads["plain"]):
+        torch.testing.assert_close(g, g_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_names_what_was_expected(kernel) -> None:
     with pytest.raises(RuntimeError, match="x must be a bf16 or fp32 CPU tensor"):
         kernel.gelu_tanh_forward(torch.zeros(4, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="x must be contiguous"):
