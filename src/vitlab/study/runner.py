@@ -199,17 +199,19 @@ class CellCosts:
         return {"probe_seconds_per_step": self.probes, "probe_decode_seconds_per_image": self.decode}
 
 
-def cell_costs(cells: list[Cell], num_classes: int, *, evaluations: list[int] | None = None) -> CellCosts:
+def cell_costs(cells: list[Cell], num_classes: int, *, evaluations: list[int] | None = None,
+               known: CellCosts | None = None) -> CellCosts:
     """Time each distinct (model, batch, resolution) of ``cells`` for a few steps and estimate every cell's cost.
 
     ``evaluations[i]``: how many times cell ``i`` evaluates its ``num_val`` validation images (``info``), besides
-    the one evaluation of its test split; a forward pass costs about a third of a training step.
+    the one evaluation of its test split; a forward pass costs about a third of a training step. ``known``: costs
+    measured earlier in the same plan, whose step probes are reused (decoding is measured on these cells' data).
     """
     try:
         decode = probe_decode_seconds(cells[0].data_dir, cells[0].config.image_size)
     except (OSError, ValueError):
         decode = DECODE_SECONDS_PER_IMAGE
-    probes: dict[str, float] = {}
+    probes: dict[str, float] = dict(known.probes) if known is not None else {}
     per_step, fixed, forwards = [], [], []
     for i, cell in enumerate(cells):
         key = _probe_key(cell.config)

@@ -211,7 +211,7 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
         if budget_minutes is None:
             return {"pretrain_steps": int(pretrain_steps), "target_epochs": float(target_epochs)}
         pre_costs = cell_costs([pretrain_cell(100)], src_classes)
-        tgt_costs = cell_costs(target_cells(1.0), tgt_classes)
+        tgt_costs = cell_costs(target_cells(1.0), tgt_classes, known=pre_costs)
         # Few-shot: features of the target's test split and of the drawn shots, twice (pre-trained, random init).
         shot_images = min(tgt_train, tgt_classes * max(shots) * draws)
         fewshot_s = 2 * (tgt_test + shot_images) * (pre_costs.decode + pre_costs.forward[0])
@@ -230,7 +230,7 @@ def transfer(source: str | Path, target: str | Path, out_dir: str | Path, *, mod
         seconds = pre_s + fewshot_s + sum(tgt_costs.fixed) + sum(
             t * n for t, n in zip(tgt_costs.per_step, target_steps(epochs)))
         return {"pretrain_steps": n_pre, "target_epochs": epochs, "budget_minutes": budget_minutes,
-                "probe_seconds_per_step": {**pre_costs.probes, **tgt_costs.probes},
+                "probe_seconds_per_step": tgt_costs.probes,
                 "probe_decode_seconds_per_image": pre_costs.decode, "estimated_minutes": round(seconds / 60.0, 2)}
 
     plan = load_or_make_plan(out_dir, request, make)
