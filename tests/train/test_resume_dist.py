@@ -162,3 +162,49 @@ def test_a_running_training_owns_its_folder_until_it_dies(tmp_path):
     resumed = subprocess.run(_cli(data, run, tiny_overrides(epochs=200, checkpoint_every=5, steps=12), "--resume"),
                              capture_output=True, text=True, timeout=60)
     assert resumed.returncode == 2 and "different config: steps" in resumed.stderr  # the lock was free
+
+
+BUDGET_SCRIPT = """
+import json, os, sys, time
+
+rank = int(os.environ["RANK"])
+if rank == 1:  # this process's clock runs five times too fast: left to itself it would stop at a fifth
+    real = time.perf_counter
+    origin = real()
+    time.perf_counter = lambda: origin + 5.0 * (real() - origin)
+from vitlab.train import load_config, train
+
+data, out, ranks, sets = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+result = train(load_config("demo", sets), data, out)
+with open(os.path.join(ranks, f"rank{rank}.json"), "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.mark.slow
+def test_a_budget_on_two_processes_follows_rank_0s_clock(tmp_path):
+    """Under torchrun a wall-clock budget is read on rank 0 and shared: with rank 1's clock running five times
+    too fast, both ranks still stop at the same step, when rank 0's budget is spent, and the last step's
+    learning rate is the schedule's at the length the run ended with."""
+    from vitlab.train import lr_at
+
+    data = make_folder(tmp_path / "data")
+    (tmp_path / "ranks").mkdir()
+    (tmp_path / "budget_run.py").write_text(BUDGET_SCRIPT)
+    budget_s = 4.0
+    sets = tiny_overrides(epochs=10000, batch_size=8, budget_minutes=budget_s / 60, warmup_steps=5)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "budget_run.py"), str(data), str(tmp_path / "run"), str(tmp_path / "ranks"), json.dumps(sets)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert (r0["step"], r0["total_steps"]) == (r1["step"], r1["total_steps"])
+    assert 40 < r0["step"] < 10000 * 6  # ran on the budget, not to the epoch bound, and well past the first steps
+    assert budget_s * 0.9 <= r0["train_seconds"] <= budget_s * 1.5  # rank 0's budget ended the run
+    assert r1["train_seconds"] > 3 * budget_s  # by its own clock rank 1 ran far past the budget: it followed rank 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "split" not in r][-1]
+    assert last["step"] == r0["step"]
+    assert last["lr"] == pytest.approx(lr_at(r0["step"] - 1, total_steps=r0["total_steps"], peak=0.001,
+                                             warmup_steps=5, kind="cosine"))
