@@ -53,7 +53,7 @@ def test_eval_checks_its_out_before_evaluating(checkpoint, tmp_path, capsys):
     _one_line_error(capsys, main(["eval", str(checkpoint), "--data", str(tmp_path / "none")]), "not found")
 
 
-def test_inspect_convert_export_fewshot_plot_check_their_outputs(checkpoint, tmp_path, capsys):
+def test_inspect_convert_export_fewshot_plot_bench_check_their_outputs(checkpoint, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir").mkdir()
     _one_line_error(capsys, main(["inspect", str(checkpoint), "--out", str(tmp_path / "file")]),
@@ -69,6 +69,7 @@ def test_inspect_convert_export_fewshot_plot_check_their_outputs(checkpoint, tmp
     _one_line_error(capsys, main(["fewshot", str(checkpoint), "--data", str(tmp_path), "--out",
                                   str(tmp_path / "dir")]), "vitlab fewshot: --out", "is a folder")
     _one_line_error(capsys, main(["plot", str(tmp_path), "--out", str(tmp_path / "dir")]), "is a folder")
+    _one_line_error(capsys, main(["bench", "--out", str(UNWRITABLE / "b.json")]), "vitlab bench: --out")
 
 
 def test_predict_on_an_empty_folder_is_an_error(checkpoint, tmp_path, capsys):

@@ -58,8 +58,10 @@ def test_bad_names_and_overrides_say_what_is_allowed() -> None:
         create_model("ViT-B/16", image_size=230)
     with pytest.raises(ValueError, match="unknown override"):
         create_model("ViT-B/16", hidden=3)
-    with pytest.raises(ValueError, match="classifier must be one of"):
+    with pytest.raises(ValueError, match="classifier='cls' \\(expected 'token' \\| 'gap'\\)"):
         ViTConfig(**{**TINY, "classifier": "cls"})
+    with pytest.raises(ValueError, match="width='32' \\(expected int\\); qkv_bias=1 \\(expected bool\\)"):
+        ViTConfig(**{**TINY, "width": "32", "qkv_bias": 1})
 
 
 def test_stages_compose_to_forward() -> None:

@@ -4,9 +4,9 @@ JSON and printed as a table. A thin layer over :func:`vitlab.bench.benchmark.run
 from __future__ import annotations
 
 import argparse
-import logging
 
 from vitlab.bench.benchmark import DTYPES, MODES, TASKS
+from vitlab.cli.common import output_file
 
 
 def _csv(choices: tuple[str, ...] | None = None):
@@ -35,6 +35,8 @@ def _batches(text: str) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     from vitlab.bench.benchmark import BenchSpec, format_table, run_benchmark, write_json
 
+    if args.out:
+        output_file(args.out)  # before the (long) measurements
     spec = BenchSpec(
         models=args.models, dtypes=args.dtypes, modes=args.modes, tasks=args.tasks, reps=args.reps,
         latency_reps=args.latency_reps, warmup=args.warmup, threads=args.threads, device=args.device,

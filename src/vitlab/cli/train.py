@@ -23,23 +23,20 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"vitlab train: {e}", file=sys.stderr)
         return 2
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 reports, for every rank
     try:
         result = train(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
-    except NonFiniteLossError as e:
-        print(f"vitlab train: {e}", file=sys.stderr)
-        return 1
+    except NonFiniteLossError as e:  # may happen on one rank only: every rank says it
+        return _fail(True, str(e), 1)
     except BadImageError as e:
-        print(f"vitlab train: unreadable image {e.path}: {e.reason}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError, RunFolderBusy) as e:
-        print(f"vitlab train: {e}", file=sys.stderr)
-        return 2
+        return _fail(True, f"unreadable image {e.path}: {e.reason}", 1)
+    except (ValueError, FileNotFoundError, FileExistsError, RunFolderBusy) as e:  # the same on every rank
+        return _fail(rank0, str(e), 2)
     except KeyboardInterrupt:  # outside the loop, whose own handler stops at a checkpoint
-        print(f"vitlab train: interrupted outside the training loop; {args.out} keeps its last checkpoint, if any",
-              file=sys.stderr)
-        return 130
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun rank 0 reports
+        return _fail(rank0, f"interrupted outside the training loop; {args.out} keeps its last checkpoint, if any",
+                     130)
+    if not rank0:
+        return 0
     if result.get("interrupted"):
         print(f"vitlab train: stopped by {result.get('signal', 'a signal')} at step {result['step']}; checkpoint "
               f"saved in {args.out}; continue with --resume", file=sys.stderr)
@@ -55,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"done: {result['step']} steps; weights: {result.get('weights')}")
     return 0
+
+
+def _fail(rank0: bool, message: str, code: int) -> int:
+    if rank0:
+        print(f"vitlab train: {message}", file=sys.stderr)
+    return code
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -13,13 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vitlab.typecheck import check_types
+
 Classifier = Literal["token", "gap"]
 PosEmbed = Literal["learned-1d", "learned-2d", "sincos-2d", "none"]
 Gelu = Literal["exact", "tanh"]
-
-CLASSIFIERS = ("token", "gap")
-POS_EMBEDS = ("learned-1d", "learned-2d", "sincos-2d", "none")
-GELUS = ("exact", "tanh")
 
 
 def to_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -136,19 +134,14 @@ class ViTConfig(JsonConfig):
         def fail(msg: str) -> None:
             raise ValueError(f"invalid ViTConfig: {msg}")
 
+        check_types(self)  # every field against its annotation (the Literals above included)
         for name in ("width", "depth", "num_heads", "mlp_dim", "in_channels"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_classes < 0:
             fail(f"num_classes must be >= 0 (0 means no head), got {self.num_classes}")
         if self.width % self.num_heads:
             fail(f"width={self.width} must be divisible by num_heads={self.num_heads}")
-        if self.classifier not in CLASSIFIERS:
-            fail(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
-        if self.pos_embed not in POS_EMBEDS:
-            fail(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
-        if self.gelu not in GELUS:
-            fail(f"gelu must be one of {GELUS}, got {self.gelu!r}")
         if self.pos_embed == "learned-2d" and self.width % 2:
             fail(f"pos_embed='learned-2d' needs an even width (two halves of D/2), got width={self.width}")
         if self.pos_embed == "sincos-2d" and self.width % 4:

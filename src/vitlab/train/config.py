@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import runpy
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from vitlab.typecheck import check_types, hints, matches
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
@@ -137,7 +138,7 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        check_types(self)
+        check_types(self)  # every field against its annotation (vitlab.typecheck, shared with ViTConfig)
         if self.batch_size < 1 or self.accum_steps < 1 or self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of accum_steps "
                              f"({self.accum_steps})")
@@ -199,70 +200,11 @@ def field_names() -> list[str]:
 
 
 def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+    return hints(TrainConfig)
 
 
 def _is_tuple_field(name: str) -> bool:
     return typing.get_origin(_hints().get(name)) is tuple
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        return (isinstance(value, tuple) and len(value) == len(args)
-                and all(_matches(v, a) for v, a in zip(value, args)))
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    return isinstance(value, tp)
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is list:
-        return f"list of {_describe(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def check_types(config: TrainConfig) -> None:
-    """Raise a ``ValueError`` naming every field whose value does not match its annotation."""
-    hints = _hints()
-    errors = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple:
-            value = tuple(value)
-            setattr(config, f.name, value)
-        if not _matches(value, hints[f.name]):
-            errors.append(f"{f.name}={value!r} (expected {_describe(hints[f.name])})")
-        elif hints[f.name] is float and isinstance(value, int):
-            setattr(config, f.name, float(value))
-    if errors:
-        raise ValueError("invalid training config: " + "; ".join(errors))
 
 
 def list_presets() -> list[str]:
@@ -326,7 +268,7 @@ def load_config(preset_or_path: str | Path | None = None, overrides: list[str] |
             continue
         if key not in field_names():
             raise ValueError(f"--set {text!r}: unknown key {key!r}; allowed: {field_names()}")
-        if isinstance(value, str) and _matches(1.5, _hints()[key]):
+        if isinstance(value, str) and matches(1.5, _hints()[key]):
             # YAML 1.1 reads "3e-4" (no dot) as a string; a float field takes it as the number it means.
             try:
                 value = float(value)
