@@ -11,7 +11,7 @@ from PIL import Image
 
 TINY_VIT = "ViT-Ti/16:patch_size=4:width=16:depth=1:num_heads=2:mlp_dim=32"
 TINY_RESNET = "ResNet-26:width_factor=0.25:num_groups=8"
-TINY_RECIPE = ["image_size=16", "batch_size=8", "threads=1", "randaugment_n=0"]  # the engine's precision, as the studies
+TINY_RECIPE = ["image_size=16", "batch_size=8", "threads=1", "randaugment_n=0"]  # the engine's precision, as studies
 # Transfer data: flips would swap the left/right and quadrant classes, a 4-px shift moves the square too far.
 TRANSFER_RECIPE = TINY_RECIPE + ["hflip=false", "crop_pad=2", "workers=0"]
 

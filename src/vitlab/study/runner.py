@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +93,8 @@ def split_list(text: str, kind: type = str) -> list:
 # --------------------------------------------------------------------------------------------------- plan
 def load_or_make_plan(out_dir: Path, request: dict[str, Any], make_steps: Callable[[], dict[str, Any]]) -> dict:
     """The study's plan: the stored one if ``request`` matches it, else a new one (``make_steps`` returns the step
-    counts the cells need, e.g. ``{"steps": N}``). A stored plan for a different request raises a ``ValueError`` naming the differences."""
+    counts the cells need, e.g. ``{"steps": N}``). A stored plan for a different request raises a ``ValueError``
+    naming the differences."""
     path = out_dir / "plan.json"
     if path.is_file():
         try:
