@@ -106,5 +106,5 @@ def test_prefetch_close_stops_the_producer_early():
         if i == 3:
             break
     batches.close()
-    assert not batches._thread.is_alive()
+    assert not batches.running
     assert len(produced) <= 4 + 2 + 1  # consumed, queued, and the one in the producer's hands

@@ -206,6 +206,11 @@ class Prefetch:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    @property
+    def running(self) -> bool:
+        """Whether the producer thread is still alive (False once ``close`` has returned)."""
+        return self._thread.is_alive()
+
     def __enter__(self) -> "Prefetch":
         return self
 
