@@ -27,6 +27,7 @@ from vitlab.bench.flops import count_flops
 from vitlab.bench.models import BenchModel, bench_model, build_pair, build_timm, max_output_difference
 from vitlab.bench.timing import interleaved, machine_info, matmul_peak, median, mfu
 from vitlab.model.config import ViTConfig
+from vitlab import io
 from vitlab.precision import resolve
 
 log = logging.getLogger(__name__)
@@ -455,13 +456,8 @@ def format_markdown(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> Path:
-    """Write ``result`` to ``path`` atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return path
+    """Write ``result`` to ``path`` atomically (``vitlab.io``)."""
+    return io.write_json(path, result)
 
 
 if __name__ == "__main__":  # the child process of :func:`peak_memory`

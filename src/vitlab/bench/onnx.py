@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from vitlab.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None 
             model, (example,), None, dynamo=True, input_names=["images"], output_names=["logits"],
             dynamic_shapes=({0: batch},), external_data=False, verbose=False, **kwargs,
         )
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        program.save(tmp, external_data=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))
 
 
 def ort_session(path: str | os.PathLike, *, threads: int | None = None):
