@@ -11,20 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.model.paths import NEEDS_AVX512_BF16, kernel_module
 from tests.model.opnames import OpNames, autograd_nodes
-from vitlab.model import ViTConfig, VisionTransformer, cpu_kernels, fast
+from vitlab.model import ViTConfig, VisionTransformer, fast
 from vitlab.model.layers import Mlp
 
-pytestmark = pytest.mark.skipif(not fast.available("avx512-bf16"), reason="this CPU cannot take the avx512-bf16 "
-                                "path (it needs AVX512-BF16 or AMX, with torch on its AVX-512 code path)")
+pytestmark = NEEDS_AVX512_BF16
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = cpu_kernels.kernels()
-    if module is None:
-        pytest.skip("the bf16 C++ kernels are switched off (VITLAB_CPU_KERNELS=0) or could not be built here")
-    return module
+    return kernel_module("avx512-bf16")
 
 
 def _inputs(n: int, dtype: torch.dtype) -> torch.Tensor:

@@ -17,21 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.model.paths import NEEDS_AVX2, kernel_module
 from tests.model.opnames import OpNames, autograd_nodes
-from vitlab.model import ResNetConfig, ViTConfig, VisionTransformer, cpu_kernels, fast
+from vitlab.model import ResNetConfig, ViTConfig, VisionTransformer, fast
 from vitlab.model.layers import Block
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not fast.available("avx2"), reason="this CPU cannot take the avx2 path (it needs "
-                                "AVX2 and FMA, with torch on its AVX2 or AVX-512 code path)")
+pytestmark = NEEDS_AVX2
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = cpu_kernels.fp32_kernels()
-    if module is None:
-        pytest.skip("the avx2 C++ kernels are switched off (VITLAB_CPU_KERNELS=0) or could not be built here")
-    return module
+    return kernel_module("avx2")
 
 
 def _exact_attention(qkv: torch.Tensor, scale: float) -> torch.Tensor:
