@@ -114,7 +114,9 @@ def test_backward_called_directly_matches_fp64(kernel) -> None:
         assert rel_error(ours, exact) < 1e-2
 
 
-CONFIG = ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5)
+# GAP: every block attends for every token (with the class token, the last block computes one row through SDPA).
+CONFIG = ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5,
+                   classifier="gap")
 
 
 def bf16_model() -> VisionTransformer:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vitlab
+from vitlab.model import fast
 from vitlab.model.posembed import resample_pos_embed
 from vitlab.model import ViTConfig, VisionTransformer, count_parameters, create_model, list_models
 
@@ -74,6 +75,28 @@ def test_stages_compose_to_forward() -> None:
     inter = model.intermediates(x)
     torch.testing.assert_close(inter["logits"], model(x), atol=1e-5, rtol=0)
     torch.testing.assert_close(inter["encoded"], tokens, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", [p for p in fast.PATHS if fast.available(p)])
+def test_forward_computes_the_last_block_for_the_class_token_only(path: str) -> None:
+    model = tiny(representation_size=8)
+    x = torch.randn(3, 3, 32, 32)
+    seen = []
+    hook = model.blocks[-1].mlp.fc1.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    with fast.use(path), torch.no_grad():
+        logits, full = model(x), model.forward_head(model.forward_features(x))
+    hook.remove()
+    assert seen[0] == (3, 1, 32)  # the last block's MLP ran on one token per image (the fused paths call no hook)
+    torch.testing.assert_close(logits, full, atol=1e-6, rtol=1e-5)
+    # Training: the same loss and the same gradient for every parameter (the skipped rows receive none).
+    model.train()
+    with fast.use(path):
+        grads = [torch.autograd.grad(f(x).logsumexp(-1).sum(), list(model.parameters()))
+                 for f in (model, lambda x: model.forward_head(model.forward_features(x)))]
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    qkv_grad = dict(zip([n for n, _ in model.named_parameters()], grads[0]))["blocks.1.attn.qkv.weight"]
+    assert all(torch.count_nonzero(part) == part.numel() for part in qkv_grad.chunk(3))  # q, k and v all learn
 
 
 def test_attention_maps_are_the_softmax_the_fast_path_computes() -> None:

@@ -117,7 +117,9 @@ def measure_flops(model: nn.Module, input_size: tuple[int, ...], **forward_kwarg
 
     The input is on the model's device (the meta device works and allocates nothing). CPU's fused attention
     kernel has no FLOP formula in torch, so attention runs through the math backend, whose batched matmuls are
-    counted like any other; vitlab's fused oneDNN inference ops have none either and are switched off.
+    counted like any other; vitlab's fused oneDNN inference ops have none either and are switched off. A model
+    with ``forward_features`` is counted through it and ``forward_head``: the nominal FLOPs that papers and timm
+    quote, although ``VisionTransformer.forward`` skips the last block's non-class-token rows.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -133,7 +135,10 @@ def measure_flops(model: nn.Module, input_size: tuple[int, ...], **forward_kwarg
     try:
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad(), \
                 fast.use("plain"):
-            model(x, **forward_kwargs)
+            if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+                model.forward_head(model.forward_features(x, **forward_kwargs))
+            else:
+                model(x, **forward_kwargs)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

@@ -53,9 +53,20 @@ class Attention(nn.Module):
         o = o.transpose(1, 2).reshape(B, N, H * hd)  # B, N, D
         return self.proj_drop(self.proj(o))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """Attention output (B, N, D); with ``queries=n``, only the first n tokens' rows (B, n, D): those tokens
+        attend to every token, and the other tokens' queries are never computed."""
         p = self.attention_dropout if self.training else 0.0
-        return self._out(fast.attention(self._qkv(x), p))
+        if queries is None:
+            return self._out(fast.attention(self._qkv(x), p))
+        B, N, D = x.shape
+        H, hd = self.num_heads, self.head_dim
+        w, b = self.qkv.weight, self.qkv.bias  # rows: q, then k, then v
+        q = F.linear(x[:, :queries], w[:D], None if b is None else b[:D])  # B, n, D
+        kv = F.linear(x, w[D:], None if b is None else b[D:])  # B, N, 2D
+        k, v = kv.reshape(B, N, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # B, H, N, hd
+        o = F.scaled_dot_product_attention(q.reshape(B, queries, H, hd).transpose(1, 2), k, v, dropout_p=p)
+        return self._out(o)
 
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = fast.split_heads(self._qkv(x))
@@ -112,7 +123,14 @@ class Block(nn.Module):
         self.mlp = Mlp(width, mlp_dim, gelu, dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """The block's output (B, N, D); with ``queries=n``, the first n tokens' outputs only (B, n, D), the same
+        values: a token's output depends on the others only through attention's keys and values. The classifier
+        reads only the class token of the last block, so ``VisionTransformer.forward`` skips the rest there."""
+        if queries is not None:
+            h = fast.layer_norm(self.norm1, x)
+            x = x[:, :queries] + self.drop_path(self.attn(h, queries))
+            return x + self.drop_path(self.mlp(fast.layer_norm(self.norm2, x)))
         if not self.training:
             y = fast.block_inference(self, x)  # the same function, fewer passes; None where none applies
             if y is not None:
