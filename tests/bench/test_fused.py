@@ -239,3 +239,34 @@ def test_bf16_training_gradients_match_timm() -> None:
     for name, g in grads[0].items():
         ref = grads[1][name]
         assert (g - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-6, name
+
+
+class _LinearRows(OpNames):
+    """Also records the row count of every oneDNN linear's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) == "mkldnn._linear_pointwise":
+            self.rows.append(args[0].shape[0])
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@needs_bf16_path
+@pytest.mark.parametrize("autocast", [False, True])
+def test_class_token_rows_of_the_last_block_take_the_fused_path(autocast: bool) -> None:
+    """``model(x)`` computes the last block for the class token alone through the same oneDNN ops (cached
+    weights, no per-call casts): after the qkv matmul on every token, the last block's three other Dense layers
+    see one row per image; the logits are those of every block on every token."""
+    model = _model("token-exact")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad(), fast.use("avx512-bf16"), _LinearRows() as ops, \
+            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        logits = model(x).float()
+    full, _ = _run(model, x, True, autocast=autocast)
+    tokens = 1 + 16  # class token + 4x4 patches
+    assert ops.rows == [3 * tokens] * 4 + [3 * tokens] + [3] * 3  # block 0: four Dense layers; block 1: qkv, then 3
+    tol = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(logits, full, atol=tol, rtol=tol)

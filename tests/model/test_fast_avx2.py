@@ -247,7 +247,7 @@ CONFIGS = {
     "token-tanh": ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5),
     "gap-exact": ViTConfig(image_size=16, patch_size=4, width=48, depth=2, num_heads=3, mlp_dim=72, num_classes=3,
                            classifier="gap", gelu="exact"),
-    "hybrid-tanh": ViTConfig(image_size=16, patch_size=1, width=32, depth=1, num_heads=4, mlp_dim=40, num_classes=4,
+    "hybrid-tanh": ViTConfig(image_size=16, patch_size=1, width=32, depth=2, num_heads=4, mlp_dim=40, num_classes=4,
                              backbone=ResNetConfig(layers=(1, 1), width_factor=0.5)),
 }
 

@@ -85,8 +85,13 @@ def test_forward_computes_the_last_block_for_the_class_token_only(path: str) -> 
     hook = model.blocks[-1].mlp.fc1.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
     with fast.use(path), torch.no_grad():
         logits, full = model(x), model.forward_head(model.forward_features(x))
+        h = model.blocks[0](model.embed(x))
+        rows, every = model.blocks[1](h, queries=1), model.blocks[1](h)
     hook.remove()
-    assert seen[0] == (3, 1, 32)  # the last block's MLP ran on one token per image (the fused paths call no hook)
+    if path != "avx512-bf16":  # the fused oneDNN path calls no module (and so no hook)
+        assert seen[0] == (3, 1, 32)  # the last block's MLP ran on one token per image
+    assert rows.shape == (3, 1, 32)
+    torch.testing.assert_close(rows, every[:, :1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits, full, atol=1e-6, rtol=1e-5)
     # Training: the same loss and the same gradient for every parameter (the skipped rows receive none).
     model.train()

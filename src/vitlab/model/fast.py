@@ -296,22 +296,24 @@ class _LayerNormBf16(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ inference blocks
-def block_inference(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def block_inference(block: nn.Module, x: torch.Tensor, queries: int | None = None) -> torch.Tensor | None:
     """One encoder block without autograd through the fastest path for ``x``'s device and dtype, or None where
-    only the plain forward applies (training, autograd, tracing, another device or dtype)."""
+    only the plain forward applies (training, autograd, tracing, another device or dtype). ``queries=n``: the
+    first n tokens' outputs only (``Block.forward``); the avx2 path leaves that to the plain ops, whose fp32 k/v
+    projection needs no cached weights."""
     if torch.is_grad_enabled() or tracing():
         return None
     if x.device.type == "cpu":
         path = cpu_path()
         if path == "avx512-bf16":
             dtype = _onednn_dtype(x, block.attn.qkv.weight)
-            return None if dtype is None else _block_onednn(block, x, dtype)
+            return None if dtype is None else _block_onednn(block, x, dtype, queries)
         if path == "avx2" and x.dtype == torch.float32 and block.attn.qkv.weight.dtype == torch.float32 \
-                and not torch.is_autocast_enabled("cpu"):
+                and not torch.is_autocast_enabled("cpu") and queries is None:
             return _block_mkl_fp32(block, x)
         return None
     if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and _forced[-1:] != ["plain"]:
-        return _block_cast(block, x, torch.get_autocast_dtype("cuda"))
+        return _block_cast(block, x, torch.get_autocast_dtype("cuda"), queries)
     return None
 
 
@@ -330,17 +332,30 @@ def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def _attend(block: nn.Module, x: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-    """Inference attention of qkv (B, N, 3H*hd) up to, not including, the output projection: (B, N, D)."""
+def _attend(block: nn.Module, x: torch.Tensor, qkv: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+    """Inference attention of qkv (B, N, 3H*hd) up to, not including, the output projection: (B, N, D), or
+    (B, n, D) for the first ``queries=n`` tokens' queries against every key."""
     B, N, D = x.shape
-    o = attention(qkv.reshape(B, N, 3, block.attn.num_heads, block.attn.head_dim))  # B, H, N, hd
-    return o.transpose(1, 2).reshape(B, N, D)
+    qkv = qkv.reshape(B, N, 3, block.attn.num_heads, block.attn.head_dim)
+    if queries is None:
+        return attention(qkv).transpose(1, 2).reshape(B, N, D)  # from B, H, N, hd
+    q, k, v = split_heads(qkv)
+    return F.scaled_dot_product_attention(q[:, :, :queries], k, v).transpose(1, 2).reshape(B, queries, D)
 
 
-def _block_onednn(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Dense layers as oneDNN matmuls with bias, GELU (MLP) and the residual add (output projections) fused."""
+def _rows(x: torch.Tensor, queries: int | None) -> torch.Tensor:
+    """The residual stream of the tokens a block computes: all, or the first ``queries`` (dense)."""
+    return x if queries is None else x[:, :queries].contiguous()
+
+
+def _block_onednn(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, queries: int | None = None
+                  ) -> torch.Tensor:
+    """Dense layers as oneDNN matmuls with bias, GELU (MLP) and the residual add (output projections) fused.
+    With ``queries``, the qkv matmul still runs on every token (one prepacked weight, no per-call slicing and
+    casting), everything after attention on the first ``queries`` tokens only."""
     attn, mlp = block.attn, block.mlp
-    x = _onednn_linear_add(_attend(block, x, _onednn_linear(block.norm1(x), attn.qkv, dtype)), attn.proj, x, dtype)
+    o = _attend(block, x, _onednn_linear(block.norm1(x), attn.qkv, dtype), queries)
+    x = _onednn_linear_add(o, attn.proj, _rows(x, queries), dtype)
     h = _onednn_linear(block.norm2(x), mlp.fc1, dtype, "gelu", mlp.act.approximate)
     return _onednn_linear_add(h, mlp.fc2, x, dtype)
 
@@ -401,12 +416,15 @@ def _residual_addmm(x: torch.Tensor, h: torch.Tensor, linear: nn.Linear) -> torc
     return out
 
 
-def _block_cast(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _block_cast(block: nn.Module, x: torch.Tensor, dtype: torch.dtype, queries: int | None = None
+                ) -> torch.Tensor:
     """CUDA autocast inference with the Dense weights cast once (``_weights_as``): autocast casts every weight and
     bias again on each forward, two extra kernels per layer, which at batch 1 (launch-bound) cost ViT-S/16 more
-    than timm's whole latency gap. The layers compute bit for bit what autocast computes."""
+    than timm's whole latency gap. The layers compute bit for bit what autocast computes. ``queries`` as in
+    ``_block_onednn``."""
     attn, mlp = block.attn, block.mlp
-    x = x + _cast_linear(_attend(block, x, _cast_linear(block.norm1(x), attn.qkv, dtype)), attn.proj, dtype)
+    o = _attend(block, x, _cast_linear(block.norm1(x), attn.qkv, dtype), queries)
+    x = _rows(x, queries) + _cast_linear(o, attn.proj, dtype)
     return x + _cast_linear(mlp.act(_cast_linear(block.norm2(x), mlp.fc1, dtype)), mlp.fc2, dtype)
 
 

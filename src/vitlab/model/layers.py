@@ -127,14 +127,14 @@ class Block(nn.Module):
         """The block's output (B, N, D); with ``queries=n``, the first n tokens' outputs only (B, n, D), the same
         values: a token's output depends on the others only through attention's keys and values. The classifier
         reads only the class token of the last block, so ``VisionTransformer.forward`` skips the rest there."""
+        if not self.training:
+            y = fast.block_inference(self, x, queries)  # the same function, fewer passes; None where none applies
+            if y is not None:
+                return y
         if queries is not None:
             h = fast.layer_norm(self.norm1, x)
             x = x[:, :queries] + self.drop_path(self.attn(h, queries))
             return x + self.drop_path(self.mlp(fast.layer_norm(self.norm2, x)))
-        if not self.training:
-            y = fast.block_inference(self, x)  # the same function, fewer passes; None where none applies
-            if y is not None:
-                return y
         x = x + self.drop_path(self.attn(fast.layer_norm(self.norm1, x)))
         return x + self.drop_path(self.mlp(fast.layer_norm(self.norm2, x)))
 
