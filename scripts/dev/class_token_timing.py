@@ -42,6 +42,7 @@ def main() -> None:
     for name, batch in CASES:
         torch.manual_seed(0)
         model = create_model(name, gelu="exact").eval()  # the benchmark's function (timm's GELU)
+        torch.nn.init.normal_(model.head.weight, std=0.02)  # the fresh head is zero: make the logits comparable
         x = torch.randn(batch, 3, 224, 224)
         short = lambda: model(x)  # noqa: E731
         full = lambda: model.forward_head(model.forward_features(x))  # noqa: E731
