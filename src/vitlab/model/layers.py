@@ -131,11 +131,8 @@ class Block(nn.Module):
             y = fast.block_inference(self, x, queries)  # the same function, fewer passes; None where none applies
             if y is not None:
                 return y
-        if queries is not None:
-            h = fast.layer_norm(self.norm1, x)
-            x = x[:, :queries] + self.drop_path(self.attn(h, queries))
-            return x + self.drop_path(self.mlp(fast.layer_norm(self.norm2, x)))
-        x = x + self.drop_path(self.attn(fast.layer_norm(self.norm1, x)))
+        rows = x if queries is None else x[:, :queries]
+        x = rows + self.drop_path(self.attn(fast.layer_norm(self.norm1, x), queries))
         return x + self.drop_path(self.mlp(fast.layer_norm(self.norm2, x)))
 
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
