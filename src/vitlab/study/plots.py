@@ -136,6 +136,9 @@ def plot_resolution(results: list[dict[str, Any]], path: str | Path) -> Path:
             ax.annotate(f"{size}px", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
+    # A log axis over less than a decade may hold no labelled major tick: label the cells' own compute instead.
+    computes = sorted({x for pts in points.values() for x, _, _ in pts})
+    ax.set_xticks(computes, [f"{x:.3g}" for x in computes])
     ax.set_xlabel("training compute (TFLOPs, pre-training included)")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
