@@ -29,6 +29,14 @@ def make_folder(root: Path, train_per_class: int = 20, test_per_class: int = 6, 
     return root
 
 
+@pytest.fixture(autouse=True)
+def _no_probe_retry_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step probe on a busy machine times again after a pause; in tests, without the pause."""
+    from vitlab.study import runner
+
+    monkeypatch.setattr(runner, "PROBE_RETRY_WAIT_SECONDS", 0.0)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("tiny_data"))

@@ -4,6 +4,9 @@ patch-size and position-embedding cells. Accuracies are not checked, only what t
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +123,55 @@ def test_probes_time_a_real_step_and_decoding(tiny_data) -> None:
     t = runner.probe_step_seconds(studies.cell_config(base, TINY_VIT, 10), 3, steps=1, warmup=1)
     assert 0.0 < t < 30.0
     assert 0.0 < runner.probe_decode_seconds(tiny_data, 16) < 1.0
+
+
+def test_other_load_is_the_machines_busy_time_less_this_processs(monkeypatch) -> None:
+    clock = {"busy": 100.0, "own": 10.0, "t": 50.0}
+    monkeypatch.setattr(runner, "_machine_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(runner, "_own_cpu_seconds", lambda: clock["own"])
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock["t"])
+    with runner.OtherLoad() as load:
+        clock.update(busy=105.0, own=12.0, t=52.0)  # 5 busy seconds in 2 s, 2 of them this process's
+    assert load.cores == pytest.approx(1.5)
+    monkeypatch.setattr(runner, "_machine_busy_seconds", lambda: None)  # no /proc/stat: no reading, no guess
+    with runner.OtherLoad() as load:
+        pass
+    assert load.cores is None
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")
+def test_machine_busy_time_counts_this_processs_cpu_time() -> None:
+    busy0, own0, t0 = runner._machine_busy_seconds(), runner._own_cpu_seconds(), time.perf_counter()
+    while runner._own_cpu_seconds() - own0 < 0.5:
+        pass
+    busy, own, wall = runner._machine_busy_seconds() - busy0, runner._own_cpu_seconds() - own0, time.perf_counter() - t0
+    assert busy >= 0.9 * own - 0.02  # the machine's busy time includes ours (to a clock tick)
+    assert busy <= (os.cpu_count() or 1) * wall * 1.05 + 0.02
+
+
+class _FakeLoad:
+    readings: list[float] = []
+
+    def __enter__(self):
+        self.cores = _FakeLoad.readings.pop(0)
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.mark.parametrize("readings, tries_used, gave_up", [([1.5, 0.0], 2, False), ([1.5, 1.5, 1.5], 3, True),
+                                                             ([0.1], 1, False)])
+def test_step_probe_times_again_while_the_cpu_is_shared(readings, tries_used, gave_up, monkeypatch, caplog) -> None:
+    _FakeLoad.readings = list(readings)
+    monkeypatch.setattr(runner, "OtherLoad", _FakeLoad)
+    base = studies.base_config(None, TINY_RECIPE)
+    with caplog.at_level("WARNING", logger=runner.__name__):
+        t = runner.probe_step_seconds(studies.cell_config(base, TINY_VIT, 10), 3, steps=1, warmup=1, retry_wait=0)
+    assert 0.0 < t < 30.0
+    assert len(readings) - len(_FakeLoad.readings) == tries_used
+    assert sum("timing again" in r.message for r in caplog.records) == tries_used - 1
+    assert any("stayed shared" in r.message for r in caplog.records) == gave_up
 
 
 def test_model_specs_and_cli_errors(tiny_data, tmp_path, capsys) -> None:

@@ -9,7 +9,8 @@ mixing results.
 ``--budget-minutes`` is turned into steps once, before the first cell: each distinct model is timed for a few
 training steps on a synthetic batch, and the steps are the largest count such that every cell together (training,
 plus an estimate of decoding and evaluation) fits the budget. The count is stored in the plan, so a resumed study
-keeps it.
+keeps it. A probe timed while other processes take the CPU reads slow and would plan too few steps for good, so
+the probe watches the machine's other load and times again when it finds the CPU shared.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,11 @@ DECODE_SECONDS_PER_IMAGE = 6e-4
 # Starting the run, the first (slower) step, writing checkpoints and the final weights, per cell.
 CELL_OVERHEAD_SECONDS = 5.0
 MIN_STEPS = 10
+# Cores that other processes (or the hypervisor, as steal time) may keep busy during a step probe before it counts
+# as taken on a shared CPU: a compiler job beside a 2-thread probe on 2 cores made it read 5x slow.
+SHARED_CPU_CORES = 0.3
+PROBE_TRIES = 3
+PROBE_RETRY_WAIT_SECONDS = 10.0
 
 
 @dataclass
@@ -134,10 +141,53 @@ def recipe_request(config: TrainConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- budget
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine have been busy since boot (``/proc/stat``, steal included), or
+    None where that file does not exist."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Context manager: how many cores other processes kept busy (``cores``) while the block ran, from the
+    machine's busy time minus this process's own CPU time; ``cores`` is None where the OS does not tell."""
+
+    cores: float | None = None
+
+    def __enter__(self) -> "OtherLoad":
+        self._busy, self._own, self._t = _machine_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, wall = _machine_busy_seconds(), time.perf_counter() - self._t
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        others = (busy - self._busy) - (_own_cpu_seconds() - self._own)
+        self.cores = max(0.0, others / wall)
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 8, warmup: int = 2,
-                       max_seconds: float = 20.0) -> float:
+                       max_seconds: float = 20.0, tries: int = PROBE_TRIES,
+                       retry_wait: float | None = None) -> float:
     """Median seconds of one training step of ``config``'s model on a synthetic batch, after ``warmup`` steps
-    (the first steps build kernels and caches and are several times slower)."""
+    (the first steps build kernels and caches and are several times slower).
+
+    While other processes keep more than :data:`SHARED_CPU_CORES` cores busy, the timing is repeated (up to
+    ``tries`` times, ``retry_wait`` seconds apart, default :data:`PROBE_RETRY_WAIT_SECONDS`) and the fastest
+    median kept, with a warning if the CPU never came free: every step count planned from the probe would
+    otherwise be too small by the slowdown."""
     from vitlab.train.engine import build_model, build_optimizer, train_step
 
     if config.threads:
@@ -150,17 +200,38 @@ def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 8,
     y = torch.randint(0, num_classes, (config.batch_size,))
     parts = list(zip(x.split(micro), y.split(micro)))
     device = torch.device("cpu")
-    times: list[float] = []
-    start = time.perf_counter()
-    for i in range(steps + warmup):
+    step = 0
+
+    def one_step() -> float:
+        nonlocal step
         t0 = time.perf_counter()
-        train_step(model, optimizer, parts, config=config, device=device, step=i, rank=0, lr=config.lr * 1e-3)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > max_seconds and times:
-            break
-    times.sort()
-    return times[len(times) // 2]
+        train_step(model, optimizer, parts, config=config, device=device, step=step, rank=0, lr=config.lr * 1e-3)
+        step += 1
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        one_step()
+    retry_wait = PROBE_RETRY_WAIT_SECONDS if retry_wait is None else retry_wait
+    best, load = float("inf"), None
+    for attempt in range(1, max(1, tries) + 1):
+        times: list[float] = []
+        with OtherLoad() as load:
+            start = time.perf_counter()
+            while len(times) < steps and not (times and time.perf_counter() - start > max_seconds):
+                times.append(one_step())
+        times.sort()
+        best = min(best, times[len(times) // 2])
+        if load.cores is None or load.cores <= SHARED_CPU_CORES:
+            return best
+        if attempt < tries:
+            log.warning("step probe of %s: other processes kept %.1f cores busy; timing again in %.0f s",
+                        config.model, load.cores, retry_wait)
+            time.sleep(retry_wait)
+    log.warning("step probe of %s: the CPU stayed shared (other processes kept %.1f cores busy in %d tries); "
+                "planning with the fastest probe, %.3f s/step, which gives too few steps if the study then runs "
+                "with the CPU to itself: stop the other work and start the study again in a new --out directory",
+                config.model, load.cores, tries, best)
+    return best
 
 
 def probe_decode_seconds(data_dir: Path, image_size: int, max_images: int = 200) -> float:
