@@ -212,7 +212,7 @@ def probe_step_seconds(config: TrainConfig, num_classes: int, *, steps: int = 8,
     for _ in range(warmup):
         one_step()
     retry_wait = PROBE_RETRY_WAIT_SECONDS if retry_wait is None else retry_wait
-    best, load = float("inf"), None
+    best = float("inf")
     for attempt in range(1, max(1, tries) + 1):
         times: list[float] = []
         with OtherLoad() as load:
