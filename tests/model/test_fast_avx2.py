@@ -82,6 +82,38 @@ def test_attention_backward_matches_fp64(kernel, shape, grad_layout) -> None:
     torch.testing.assert_close(dqkv.double(), leaf.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention_saved_probs_match_fp64(kernel, shape) -> None:
+    """The training forward also returns the probabilities (zero padding columns up to whole vectors) and the
+    backward reads them instead of recomputing: both against the fp64 reference, and the backward equal to the
+    recomputing one."""
+    batch, tokens, heads, hd = shape
+    qkv = _qkv(*shape, "strided", seed=3)
+    scale = hd**-0.5
+    out, probs = kernel.attention_forward_probs(qkv, scale)
+    padded = (tokens + 7) // 8 * 8
+    assert probs.shape == (batch, heads, tokens, padded) and probs.is_contiguous()
+    q, k, _ = qkv.double().permute(2, 0, 3, 1, 4).unbind(0)
+    exact_probs = ((q @ k.transpose(-2, -1)) * scale).softmax(-1)
+    torch.testing.assert_close(probs[..., :tokens].double(), exact_probs, atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(probs[..., tokens:]) == 0
+    torch.testing.assert_close(out, kernel.attention_forward(qkv, scale), atol=0, rtol=0)
+    dout = torch.randn(batch, tokens, heads, hd, generator=torch.Generator().manual_seed(4)).transpose(1, 2)
+    dqkv = kernel.attention_backward(qkv, dout, scale, probs)
+    leaf = qkv.double().requires_grad_()
+    _exact_attention(leaf, scale).backward(dout.double())
+    torch.testing.assert_close(dqkv.double(), leaf.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dqkv, kernel.attention_backward(qkv, dout, scale), atol=1e-6, rtol=1e-5)
+
+
+def test_attention_saved_probs_of_wrong_shape_rejected(kernel) -> None:
+    qkv = _qkv(2, 9, 1, 8, "dense")
+    _, probs = kernel.attention_forward_probs(qkv, 1.0)
+    dout = torch.randn(2, 1, 9, 8)
+    with pytest.raises(RuntimeError, match="saved probabilities must be contiguous fp32"):
+        kernel.attention_backward(qkv, dout, 1.0, probs[:, :, :, :9])
+
+
 def test_attention_hand_computed(kernel) -> None:
     """Two tokens, one head, head dim 8 of which two channels are non-zero: the weights are a two-way softmax.
     Token 0: logits 0.5 * (2, 0) -> (e/(e+1), 1/(e+1)); token 1: 0.5 * (0, 2) -> (1/(1+e), e/(1+e))."""
@@ -115,6 +147,45 @@ def test_bias_gelu_matches_fp64(kernel, approximate, rows, cols) -> None:
     out = kernel.bias_gelu_(h, bias, approximate)
     assert out.data_ptr() == h.data_ptr()  # in place: the matmul's output is overwritten
     torch.testing.assert_close(h.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 65, 256), (300, 72)])  # one vector; the CIFAR fc1; many chunks
+def test_bias_gelu_training_pass_matches_fp64(kernel, approximate, shape) -> None:
+    """fc1's epilogue in training: gelu(z + bias) forward, and (dz, dbias) backward in one pass, against float64
+    autograd of the same expression."""
+    g = torch.Generator().manual_seed(5)
+    z, bias, grad = _gelu_inputs(shape), torch.randn(shape[-1], generator=g), torch.randn(shape, generator=g)
+    z_before = z.clone()
+    h = kernel.bias_gelu_forward(z, bias, approximate)
+    dz, dbias = kernel.bias_gelu_backward(grad, z, bias, approximate)
+    assert torch.equal(z, z_before)  # z is read, not overwritten: the backward needs it
+    zl, bl = z.double().requires_grad_(), bias.double().requires_grad_()
+    exact = F.gelu(zl + bl, approximate=approximate)
+    exact.backward(grad.double())
+    torch.testing.assert_close(h.double(), exact.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dz.double(), zl.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dbias.double(), bl.grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 8), (4, 65, 128), (2, 3, 20)])  # 20: a partial vector in the forward
+def test_bias_residual_pass_matches_fp64(kernel, masked, shape) -> None:
+    """proj's and fc2's epilogue in training: x + scale[b] (y + bias), and its (dy, dbias), against float64."""
+    g = torch.Generator().manual_seed(6)
+    x, y, bias = torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.randn(shape[-1], generator=g)
+    scale = (torch.rand(shape[0], generator=g) < 0.5).float() / 0.5 if masked else None
+    out = kernel.bias_residual_forward(x, y, bias, scale)
+    s = (scale if masked else torch.ones(shape[0])).double().view(-1, 1, 1)
+    torch.testing.assert_close(out.double(), x.double() + s * (y.double() + bias.double()), atol=1e-6, rtol=1e-6)
+    if shape[-1] % 8:
+        return  # the backward takes whole vectors only (widths are multiples of 8 on this path)
+    grad = torch.randn(shape, generator=g)
+    dy, dbias = kernel.bias_residual_backward(grad, scale)
+    torch.testing.assert_close(dy.double(), grad.double() * s, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dbias.double(), (grad.double() * s).sum((0, 1)), atol=1e-4, rtol=1e-5)
+    if not masked:
+        assert dy.data_ptr() == grad.data_ptr()  # no copy where nothing scales the gradient
 
 
 @pytest.mark.parametrize("n", [1, 37, 16 * 1024 * 3 + 5])  # a partial vector; several parallel chunks
@@ -242,6 +313,53 @@ def test_block_inference_applies_to_fp32_inference_only(kernel) -> None:
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_block_train_matches_plain_with_drop_path(kernel, gelu) -> None:
+    """A training block with drop-path: the fused passes drop the same samples as ``DropPath`` from the same seed
+    (the output and every gradient equal the plain path's), and some samples really are dropped."""
+    block = Block(32, 2, 64, gelu=gelu, drop_path=0.5).train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(6, 9, 32)
+    out, grads, nodes = {}, {}, {}
+    for path in ("avx2", "plain"):
+        block.zero_grad()
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        with fast.use(path):
+            out[path] = block(leaf)
+        out[path].square().sum().backward()
+        grads[path] = [leaf.grad] + [p.grad.clone() for p in block.parameters()]
+        nodes[path] = autograd_nodes(out[path])
+    assert "_BiasResidualBackward" in nodes["avx2"] and "_BiasResidualBackward" not in nodes["plain"]
+    torch.testing.assert_close(out["avx2"], out["plain"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads["avx2"], grads["plain"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # The comparison means something only if seed 3 drops some samples and keeps others (scaled by 1/(1-p)).
+    torch.manual_seed(3)
+    kept = fast._drop_path_scale(block.drop_path, x)
+    assert kept is not None and set(kept.tolist()) <= {0.0, 2.0} and 0 < kept.count_nonzero() < 6
+
+
+def test_block_train_applies_to_fp32_autograd_on_avx2_only(kernel) -> None:
+    block = Block(32, 2, 64).train()
+    x = torch.randn(2, 9, 32)
+    with fast.use("avx2"):
+        assert fast.block_train(block, x) is not None
+        assert fast.block_train(block, x.bfloat16()) is None
+        assert fast.block_train(block, x, queries=1) is None  # the class-token-only last block: plain ops
+        with torch.autocast("cpu", torch.bfloat16):
+            assert fast.block_train(block, x) is None
+        with torch.no_grad():
+            assert fast.block_train(block, x) is None
+    with fast.use("plain"):
+        assert fast.block_train(block, x) is None
+    dropout = Block(32, 2, 64, dropout=0.1).train()
+    with fast.use("avx2"):
+        assert fast.block_train(dropout, x) is None
+
+
 # ------------------------------------------------------------------------------------------- the whole model
 CONFIGS = {
     "token-tanh": ViTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, num_classes=5),
@@ -290,9 +408,10 @@ def test_model_training_gradients_match_plain(kernel, name) -> None:
             F.cross_entropy(out, labels).backward()
         nodes[path] = autograd_nodes(out)
         grads[path] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert "Fp32AttentionBackward" in nodes["avx2"]
-    assert ("_KernelGeluBackward" in nodes["avx2"]) == (CONFIGS[name].gelu == "tanh")
-    assert not {"Fp32AttentionBackward", "_KernelGeluBackward"} & nodes["plain"]
+    # The blocks' fused passes ran (GELU of either form inside _BiasGelu), and none of them on the plain path.
+    fused = {"Fp32AttentionBackward", "_BiasGeluBackward", "_BiasResidualBackward"}
+    assert fused <= nodes["avx2"] and "GeluBackward0" not in nodes["avx2"]
+    assert not fused & nodes["plain"]
     assert len(grads["avx2"]) == len(list(model.parameters()))
     for n, g in grads["avx2"].items():
         assert torch.count_nonzero(g) > 0, n  # every parameter takes part

@@ -191,20 +191,22 @@ class SlicedAttention(torch.autograd.Function):
 
 class Fp32Attention(torch.autograd.Function):
     """Softmax attention of fp32 qkv (B, N, 3, H, hd) -> (B, H, N, hd) in the avx2 build's C++ kernel, forward and
-    backward, one (sample, head) at a time in cache; the backward recomputes the probabilities from qkv (the only
-    saved tensor) and returns the gradient in qkv's layout."""
+    backward, one (sample, head) at a time in cache. The forward keeps the probabilities for the backward (it used
+    to recompute them from qkv: a third of the backward's time at the CIFAR model's shapes, for 8 MB a block there);
+    the backward returns the gradient in qkv's layout."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, kernel) -> torch.Tensor:
         ctx.kernel = kernel
-        ctx.save_for_backward(qkv)
-        return kernel.attention_forward(qkv, qkv.shape[-1] ** -0.5).transpose(1, 2)  # B, H, N, hd view
+        out, probs = kernel.attention_forward_probs(qkv, qkv.shape[-1] ** -0.5)
+        ctx.save_for_backward(qkv, probs)
+        return out.transpose(1, 2)  # B, H, N, hd view
 
     @staticmethod
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (qkv,) = ctx.saved_tensors
+        qkv, probs = ctx.saved_tensors
         do = do if do.stride(-1) == 1 else do.contiguous()
-        return ctx.kernel.attention_backward(qkv, do, qkv.shape[-1] ** -0.5), None
+        return ctx.kernel.attention_backward(qkv, do, qkv.shape[-1] ** -0.5, probs), None
 
 
 FP32_SHORT_SEQUENCE = 128  # faster than SDPA at 64 tokens, slower at 197 (docs/speed.md, "Two CPU classes")
@@ -296,6 +298,77 @@ class _LayerNormBf16(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ inference blocks
+# ------------------------------------------------------------------------------------------ training blocks
+def block_train(block: nn.Module, x: torch.Tensor, queries: int | None = None) -> torch.Tensor | None:
+    """One encoder block in training with autograd, on the avx2 path: the same function as the plain forward with
+    each Dense layer's bias joined to what follows it (GELU after fc1; drop-path and the residual add after proj
+    and fc2) in one C++ pass, forward and backward (``_BiasGelu``, ``_BiasResidual``). None where the plain forward
+    runs: another path, device or dtype, autocast, tracing, dropout, or ``queries``."""
+    if not (torch.is_grad_enabled() and _cpu_eager(x, "avx2") and x.dtype == torch.float32 and queries is None
+            and not torch.is_autocast_enabled("cpu") and x.is_contiguous() and x.dim() == 3):
+        return None
+    attn, mlp = block.attn, block.mlp
+    if attn.attention_dropout or attn.proj_drop.p or mlp.drop1.p or mlp.drop2.p:
+        return None
+    if any(t.dtype != torch.float32 or t.shape[-1] % 8 for t in (attn.proj.weight, mlp.fc1.weight, mlp.fc2.weight)) \
+            or mlp.fc1.weight.shape[0] % 8:
+        return None
+    kernel = kernels(x)
+    if kernel is None:
+        return None
+    B, N, D = x.shape
+    o = attention(attn._qkv(layer_norm(block.norm1, x)))  # B, H, N, hd
+    y = F.linear(o.transpose(1, 2).reshape(B, N, D), attn.proj.weight)
+    x = _BiasResidual.apply(x, y, attn.proj.bias, _drop_path_scale(block.drop_path, x), kernel)
+    z = F.linear(layer_norm(block.norm2, x), mlp.fc1.weight)
+    h = _BiasGelu.apply(z, mlp.fc1.bias, mlp.act.approximate, kernel)
+    y = F.linear(h, mlp.fc2.weight)
+    return _BiasResidual.apply(x, y, mlp.fc2.bias, _drop_path_scale(block.drop_path, x), kernel)
+
+
+def _drop_path_scale(drop_path: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``DropPath``'s per-sample scale (0 or 1/(1-p)) as a (B,) tensor, drawn as ``DropPath`` draws it (the same
+    generator calls, so a seeded run drops the same samples on either path); None without drop-path."""
+    if drop_path.p == 0.0 or not drop_path.training:
+        return None
+    keep = 1.0 - drop_path.p
+    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep).view(-1)
+
+
+class _BiasGelu(torch.autograd.Function):
+    """GELU(z + bias) for fc1's bias-free matmul output z, in one pass; the backward computes dz and the bias
+    gradient in one pass too (saves z, as nn.Linear + GELU saves its output)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, bias: torch.Tensor, approximate: str, kernel) -> torch.Tensor:
+        ctx.kernel, ctx.approximate = kernel, approximate
+        ctx.save_for_backward(z, bias)
+        return kernel.bias_gelu_forward(z, bias, approximate)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        z, bias = ctx.saved_tensors
+        dz, dbias = ctx.kernel.bias_gelu_backward(grad.contiguous(), z, bias, ctx.approximate)
+        return dz, dbias, None, None
+
+
+class _BiasResidual(torch.autograd.Function):
+    """x + scale[b] (y + bias): a Dense branch's bias, drop-path scale (None: 1) and residual add in one pass;
+    the backward hands the gradient to x unchanged and computes y's (scaled) and the bias's in one pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
+                kernel) -> torch.Tensor:
+        ctx.kernel, ctx.scale = kernel, scale
+        return kernel.bias_residual_forward(x, y, bias, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        grad = grad.contiguous()
+        dy, dbias = ctx.kernel.bias_residual_backward(grad, ctx.scale)
+        return grad, dy, dbias, None, None
+
+
 def block_inference(block: nn.Module, x: torch.Tensor, queries: int | None = None) -> torch.Tensor | None:
     """One encoder block without autograd through the fastest path for ``x``'s device and dtype, or None where
     only the plain forward applies (training, autograd, tracing, another device or dtype). ``queries=n``: the

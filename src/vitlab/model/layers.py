@@ -127,10 +127,10 @@ class Block(nn.Module):
         """The block's output (B, N, D); with ``queries=n``, the first n tokens' outputs only (B, n, D), the same
         values: a token's output depends on the others only through attention's keys and values. The classifier
         reads only the class token of the last block, so ``VisionTransformer.forward`` skips the rest there."""
-        if not self.training:
-            y = fast.block_inference(self, x, queries)  # the same function, fewer passes; None where none applies
-            if y is not None:
-                return y
+        # The same function in fewer passes, by the device's capability; None where none applies.
+        y = fast.block_train(self, x, queries) if self.training else fast.block_inference(self, x, queries)
+        if y is not None:
+            return y
         rows = x if queries is None else x[:, :queries]
         x = rows + self.drop_path(self.attn(fast.layer_norm(self.norm1, x), queries))
         return x + self.drop_path(self.mlp(fast.layer_norm(self.norm2, x)))
