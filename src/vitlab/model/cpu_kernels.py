@@ -1,8 +1,9 @@
 """vitlab's C++ CPU kernels, two builds. ``kernels()``, for CPUs with AVX512-BF16: bf16 softmax attention, forward
 and backward (``csrc/cpu_attention.cpp``), the tanh-approximation GELU with its gradient, bf16 or fp32
 (``csrc/cpu_gelu.cpp``), and LayerNorm of fp32 input with a bf16 result, with its gradient
-(``csrc/cpu_layer_norm.cpp``). ``fp32_kernels()``, for AVX2 + FMA CPUs (``csrc/cpu_fp32.cpp``): the tanh GELU and
-its gradient in fp32, and bias + GELU in place on a matmul's output. ``vitlab.model.fast`` decides which runs.
+(``csrc/cpu_layer_norm.cpp``). ``fp32_kernels()``, for AVX2 + FMA CPUs (``csrc/cpu_fp32.cpp``): fp32 softmax attention for
+short sequences, the tanh GELU and its gradient, bias + GELU on a matmul's output, and bias + drop-path + residual
+add, forward and backward. ``vitlab.model.fast`` decides which runs.
 
 They are compiled on first use by torch's extension builder (``torch.utils.cpp_extension.load``; a C++ compiler is
 all it needs) into one module cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
@@ -98,9 +99,13 @@ def kernels() -> ModuleType | None:
 
 def fp32_kernels() -> ModuleType | None:
     """The fp32 module, built on the first call: ``gelu_tanh_forward(x)``, ``gelu_tanh_backward(grad_output, x)``
-    on contiguous fp32 tensors, and ``bias_gelu_(h, bias, approximate)``, h <- GELU(h + bias) in place for a
-    contiguous fp32 (M, N) ``h`` (``approximate`` "tanh" or "none"). None where it is switched off, the CPU lacks
-    AVX2, or it cannot be built."""
+    on contiguous fp32 tensors; ``bias_gelu_(h, bias, approximate)``, h <- GELU(h + bias) in place for a
+    contiguous fp32 (M, N) ``h`` (``approximate`` "tanh" or "none"), and for training ``bias_gelu_forward(z, bias,
+    approximate)`` / ``bias_gelu_backward(grad_output, z, bias, approximate)`` -> (dz, dbias); ``bias_residual_
+    forward(x, y, bias, mask)`` = x + mask[b] (y + bias) / ``bias_residual_backward(grad_output, mask)`` -> (dy,
+    dbias); ``attention_forward(qkv, scale)``, ``attention_forward_probs(qkv, scale)`` -> (out, probs) and
+    ``attention_backward(qkv, dout, scale, saved_probs=None)`` on fp32 (B, N, 3, H, hd) ``qkv``. None where it is
+    switched off, the CPU lacks AVX2, or it cannot be built."""
     if "fp32" not in _state:
         with _lock:
             if "fp32" not in _state:

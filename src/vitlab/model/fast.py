@@ -9,8 +9,9 @@ CPU paths:
   the tanh GELU and LayerNorm with a bf16 result under autocast.
 - ``avx2`` (every other x86-64 CPU with AVX2 and FMA, where ``auto`` is fp32): fp32 inference on MKL's matmuls
   (faster than oneDNN's fp32 kernels there) with the residual accumulated into the matmul's output and the bias and
-  GELU in one C++ pass; fp32 training attention for short sequences as batched matmuls over slices of the batch
-  (SDPA's CPU backward runs far below the matmul rate); the tanh GELU and its gradient in C++.
+  GELU in one C++ pass; in training, attention for short sequences in C++ (SDPA's CPU backward runs far below the
+  matmul rate), its probabilities kept for the backward, and each Dense layer's bias joined to what follows it
+  (GELU; drop-path and the residual add) in one C++ pass forward and backward (``block_train``).
 - ``plain``: PyTorch ops (other CPUs, e.g. ARM, or with ``VITLAB_CPU_KERNELS=0`` for the C++ parts).
 A GPU always runs the plain ops, except that autocast inference reuses Dense weights cast once.
 torch.compile and torch.export tracing always see the plain ops.

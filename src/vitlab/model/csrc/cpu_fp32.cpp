@@ -1,6 +1,7 @@
 // fp32 kernels for CPUs without native bf16 (AVX2 + FMA: Intel before Sapphire Rapids, AMD Zen 2/3), where vitlab
-// computes in fp32: the tanh-approximation GELU and its gradient (training), and bias + GELU in place on a matmul's
-// output (inference), each in one pass.
+// computes in fp32: the tanh-approximation GELU and its gradient, bias + GELU in place on a matmul's output
+// (inference), the Dense layers' bias joined to GELU or to drop-path and the residual add (training, forward and
+// backward), each in one pass, and softmax attention for short sequences.
 //
 // Why they exist: PyTorch's CPU tanh GELU runs at about a third of the speed of its erf GELU, and nn.Linear followed
 // by GELU passes over the MLP's hidden activations three times (bias copied into the output, matmul, GELU) where
