@@ -298,7 +298,6 @@ class _LayerNormBf16(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
-# ------------------------------------------------------------------------------------------ inference blocks
 # ------------------------------------------------------------------------------------------ training blocks
 def block_train(block: nn.Module, x: torch.Tensor, queries: int | None = None) -> torch.Tensor | None:
     """One encoder block in training with autograd, on the avx2 path: the same function as the plain forward with
@@ -370,6 +369,7 @@ class _BiasResidual(torch.autograd.Function):
         return grad, dy, dbias, None, None
 
 
+# ------------------------------------------------------------------------------------------ inference blocks
 def block_inference(block: nn.Module, x: torch.Tensor, queries: int | None = None) -> torch.Tensor | None:
     """One encoder block without autograd through the fastest path for ``x``'s device and dtype, or None where
     only the plain forward applies (training, autograd, tracing, another device or dtype). ``queries=n``: the
