@@ -327,12 +327,9 @@ def block_train(block: nn.Module, x: torch.Tensor, queries: int | None = None) -
 
 
 def _drop_path_scale(drop_path: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``DropPath``'s per-sample scale (0 or 1/(1-p)) as a (B,) tensor, drawn as ``DropPath`` draws it (the same
-    generator calls, so a seeded run drops the same samples on either path); None without drop-path."""
-    if drop_path.p == 0.0 or not drop_path.training:
-        return None
-    keep = 1.0 - drop_path.p
-    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep).view(-1)
+    """``DropPath.scale`` as the (B,) tensor the C++ pass reads; None without drop-path."""
+    scale = drop_path.scale(x)
+    return None if scale is None else scale.view(-1)
 
 
 class _BiasGelu(torch.autograd.Function):

@@ -99,12 +99,18 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This call's per-sample factors for ``x``, (B, 1, ...): 0 or 1/(1-p); None when nothing is dropped (p = 0
+        or eval). The fused training path (``fast.block_train``) draws its factors here too, so both paths drop the
+        same samples from the same seed."""
         if self.p == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)  # scale the (B, 1, ...) mask, not the activations: one pass over x
+        return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale(x)
+        return x if scale is None else x * scale  # scale the (B, 1, ...) factors, not the activations
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
