@@ -310,8 +310,9 @@ def block_train(block: nn.Module, x: torch.Tensor, queries: int | None = None) -
     attn, mlp = block.attn, block.mlp
     if attn.attention_dropout or attn.proj_drop.p or mlp.drop1.p or mlp.drop2.p:
         return None
-    if any(t.dtype != torch.float32 or t.shape[-1] % 8 for t in (attn.proj.weight, mlp.fc1.weight, mlp.fc2.weight)) \
-            or mlp.fc1.weight.shape[0] % 8:
+    # The C++ passes take whole 8-float vectors per row: the width (proj's and fc1's inputs) and the MLP width
+    # (fc2's input).
+    if any(t.dtype != torch.float32 or t.shape[-1] % 8 for t in (attn.proj.weight, mlp.fc1.weight, mlp.fc2.weight)):
         return None
     kernel = kernels(x)
     if kernel is None:
